@@ -1,0 +1,25 @@
+"""Backbone family adapters: how a prompt enters each family of backbone.
+
+This is the one place that knows it; the training core and the exporter both call it.
+"""
+
+from __future__ import annotations
+
+CAUSAL_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "smollm3"})
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "mpnet", "xlm-roberta", "distilbert", "electra"})
+
+
+class UnsupportedBackboneError(ValueError):
+    """A backbone whose architecture no family adapter handles."""
+
+
+def family_for_model_type(model_type: str) -> str:
+    """Map a transformers `config.model_type` to a family name: "causal" or "encoder"."""
+    if model_type in CAUSAL_MODEL_TYPES:
+        return "causal"
+    if model_type in ENCODER_MODEL_TYPES:
+        return "encoder"
+    raise UnsupportedBackboneError(
+        f"backbone model_type {model_type!r} belongs to no supported family; supported: "
+        f"causal {sorted(CAUSAL_MODEL_TYPES)}, encoder {sorted(ENCODER_MODEL_TYPES)}"
+    )
