@@ -23,3 +23,14 @@ def family_for_model_type(model_type: str) -> str:
         f"backbone model_type {model_type!r} belongs to no supported family; supported: "
         f"causal {sorted(CAUSAL_MODEL_TYPES)}, encoder {sorted(ENCODER_MODEL_TYPES)}"
     )
+
+
+def adapter_for(family: str, **options):
+    """The adapter object for a family name ("causal" or "encoder"); options go to its constructor."""
+    from mpt_edge_export.families.causal import CausalAdapter
+    from mpt_edge_export.families.encoder import EncoderAdapter
+
+    adapters = {"causal": CausalAdapter, "encoder": EncoderAdapter}
+    if family not in adapters:
+        raise UnsupportedBackboneError(f"unknown family {family!r}; known: {', '.join(adapters)}")
+    return adapters[family](**options)

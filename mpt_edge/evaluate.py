@@ -1,0 +1,53 @@
+"""Accuracy and macro-F1 per task on a held-out split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mpt_edge.batching import EncodedTask, sequential_batches
+from mpt_edge.scoring import Classifier
+
+
+def macro_f1(predicted: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
+    """Unweighted mean of per-label F1 over the labels present in gold or predictions."""
+    scores = []
+    for label in range(num_labels):
+        tp = np.sum((predicted == label) & (gold == label))
+        fp = np.sum((predicted == label) & (gold != label))
+        fn = np.sum((predicted != label) & (gold == label))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+@torch.no_grad()
+def predict(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch.Tensor | None],
+            encoded: Sequence[EncodedTask], task_index: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and gold label indices for every example of one task (in length order)."""
+    predicted, gold = [], []
+    for batch in sequential_batches(encoded, batch_size, task_index):
+        logits, _ = classifier(prompts_for(batch.task_ids), batch)
+        predicted.append(logits.argmax(dim=-1).numpy())
+        gold.append(batch.labels.numpy())
+    return np.concatenate(predicted), np.concatenate(gold)
+
+
+def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch.Tensor | None],
+             encoded: Sequence[EncodedTask], batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """{task: {"accuracy", "macro_f1", "n"}} for every task in `encoded`.
+
+    `prompts_for(task_ids (B,)) -> (B, l, d) or None` supplies the prompts (None = no prompt, zero-shot).
+    """
+    results = {}
+    for k, task in enumerate(encoded):
+        predicted, gold = predict(classifier, prompts_for, encoded, k, batch_size)
+        results[task.spec.name] = {
+            "accuracy": float(np.mean(predicted == gold)),
+            "macro_f1": macro_f1(predicted, gold, len(task.spec.labels)),
+            "n": int(len(gold)),
+        }
+    return results

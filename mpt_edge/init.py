@@ -1,0 +1,80 @@
+"""Initialisation strategies: pure functions that return tensors (no I/O, no modules).
+
+Prompts are (l, d); factor pairs are u (T, l, r), v (T, r, d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PROMPT_INITS = ("vocab", "random", "text")
+
+
+def vocab_prompt(embeddings: torch.Tensor, length: int, generator: torch.Generator, top: int = 5000) -> torch.Tensor:
+    """Rows sampled without replacement from the first `top` vocabulary embeddings (Lester et al.): (l, d).
+
+    BPE vocabularies put frequent tokens first, so the first 5000 ids stand in for "common tokens".
+    """
+    pool = min(top, embeddings.shape[0])
+    if length <= pool:
+        ids = torch.randperm(pool, generator=generator)[:length]
+    else:
+        ids = torch.randint(0, pool, (length,), generator=generator)
+    return embeddings[ids].detach().clone().float()
+
+
+def random_prompt(length: int, dim: int, generator: torch.Generator, scale: float) -> torch.Tensor:
+    """N(0, scale²) entries, `scale` usually the std of the embedding table: (l, d)."""
+    return torch.randn(length, dim, generator=generator) * scale
+
+
+def text_prompt(embeddings: torch.Tensor, token_ids: Sequence[int], length: int) -> torch.Tensor:
+    """Embeddings of `token_ids`, repeated cyclically to `length` rows: (l, d)."""
+    if not token_ids:
+        raise ValueError("text init needs a non-empty init text; pass e.g. --init-text 'Classify the sentiment'")
+    index = torch.tensor([token_ids[i % len(token_ids)] for i in range(length)])
+    return embeddings[index].detach().clone().float()
+
+
+def identity_factors(tasks: int, length: int, rank: int, dim: int, generator: torch.Generator,
+                     noise: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """u (T, l, r), v (T, r, d) with u_k v_k ≈ all-ones, so that P_k starts at P*.
+
+    For r > 1 a little noise breaks the symmetry between the r components (identical ones would get
+    identical gradients forever); for r = 1 the product is exactly ones.
+    """
+    u = torch.full((tasks, length, rank), rank**-0.5)
+    v = torch.full((tasks, rank, dim), rank**-0.5)
+    if rank > 1:
+        u = u + noise * torch.randn(u.shape, generator=generator)
+        v = v + noise * torch.randn(v.shape, generator=generator)
+    return u, v
+
+
+def factors_from_source(u: torch.Tensor, v: torch.Tensor, tasks: int,
+                        source_task: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target factors from source factors u (S, l, r), v (S, r, d) → (T, l, r), (T, r, d).
+
+    `source_task=None` averages over the source tasks [paper]; an index copies that one task's pair.
+    """
+    if source_task is None:
+        u0, v0 = u.mean(dim=0), v.mean(dim=0)
+    else:
+        if not 0 <= source_task < u.shape[0]:
+            raise ValueError(f"source task index {source_task} is out of range for {u.shape[0]} source tasks")
+        u0, v0 = u[source_task], v[source_task]
+    return u0.expand(tasks, *u0.shape).clone(), v0.expand(tasks, *v0.shape).clone()
+
+
+def init_prompt(strategy: str, embeddings: torch.Tensor, length: int, generator: torch.Generator,
+                text_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Dispatch one of PROMPT_INITS: (l, d)."""
+    if strategy == "vocab":
+        return vocab_prompt(embeddings, length, generator)
+    if strategy == "random":
+        return random_prompt(length, embeddings.shape[1], generator, float(embeddings.float().std()))
+    if strategy == "text":
+        return text_prompt(embeddings, text_ids, length)
+    raise ValueError(f"prompt init {strategy!r} is not supported; allowed: {', '.join(PROMPT_INITS)}")

@@ -1,0 +1,174 @@
+"""The training loop shared by every stage: sample, forward, loss, Adafactor step, checkpoint, resume.
+
+A stage (see `mpt_edge.stages`) builds a `Plan`: the trainable prompt and heads, a sampler, a loss
+function and metadata. `fit` runs it. Every step's batch is a pure function of (seed, step) and the
+backbone runs in eval mode (no dropout), so a resumed run reaches the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mpt_edge.batching import Batch, EncodedTask, collate
+from mpt_edge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, optimizer_state,
+                                 restore_optimizer, save_checkpoint)
+from mpt_edge.heads import TaskHeads
+from mpt_edge.prompt import MultitaskPrompt
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200             # optimizer steps (per task for the teachers stage)
+    batch_size: int = 8
+    max_length: int = 128        # input tokens per example, prompt not counted
+    lr_prompt: float = 0.3       # shared prompt P* [paper, Adafactor]
+    lr_factors: float = 0.4      # task factors U, V [paper, Adafactor]
+    lr_head: float = 0.1         # encoder heads
+    checkpoint_every: int = 50   # steps between checkpoints (and the last step)
+    seed: int = 0
+    max_tasks: int = 4           # κ: stochastic task sampling draws K ∈ [2, κ] tasks per batch
+    mixing_cap: int = 3000       # examples-proportional mixing cap
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_length", "checkpoint_every", "max_tasks", "mixing_cap"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train option {name} must be an integer >= 1, got {value!r}")
+        for name in ("lr_prompt", "lr_factors", "lr_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)!r}")
+
+
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Plan:
+    """One training run: what trains, on what, with which loss, and what to record with it."""
+
+    stage: str
+    prompt: MultitaskPrompt | None
+    heads: TaskHeads | None
+    sampler: object                       # has .batch(step) -> [(task, example)]
+    loss_fn: LossFn
+    total_steps: int
+    meta: dict = field(default_factory=dict)
+
+    def param_groups(self, config: TrainConfig) -> list[dict]:
+        groups = []
+        if self.prompt is not None:
+            groups.append({"params": [p for p in self.prompt.shared if p.requires_grad], "lr": config.lr_prompt})
+            groups.append({"params": [p for p in [*self.prompt.u, *self.prompt.v] if p.requires_grad],
+                           "lr": config.lr_factors})
+        if self.heads is not None:
+            groups.append({"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": config.lr_head})
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError(f"stage {self.stage!r} has nothing to train")
+        return groups
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.prompt is not None:
+            out.update(self.prompt.tensors())
+        if self.heads is not None:
+            out.update(self.heads.tensors())
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            if self.prompt is not None:
+                for dst, src in zip([*self.prompt.shared, *self.prompt.u, *self.prompt.v],
+                                    [*tensors["prompt.shared"], *tensors["prompt.u"], *tensors["prompt.v"]]):
+                    dst.copy_(src)
+            if self.heads is not None:
+                for k, (w, b) in enumerate(zip(self.heads.weight, self.heads.bias)):
+                    w.copy_(tensors[f"heads.{k}.weight"])
+                    b.copy_(tensors[f"heads.{k}.bias"])
+
+
+def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Path, *,
+        resume: bool = False, progress: bool = True) -> dict:
+    """Run `plan` and checkpoint into `out`; returns the final checkpoint metadata.
+
+    An existing checkpoint in `out` is continued with `resume=True` and refused otherwise, so nothing
+    saved is overwritten by accident.
+    """
+    out = Path(out)
+    optimizer = torch.optim.Adafactor(plan.param_groups(config))
+    meta = {**plan.meta, "stage": plan.stage, "train": asdict(config), "total_steps": plan.total_steps}
+    history: list[dict] = []
+    start = 0
+    if has_checkpoint(out):
+        if not resume:
+            raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        index, tensors = load_checkpoint(out)
+        _check_resumable(index, meta, out)
+        plan.load_tensors(tensors)
+        restore_optimizer(optimizer, tensors, index["optimizer"])
+        start, history = index["step"], index["history"]
+    bar = _progress(plan.stage, start, plan.total_steps, progress)
+    tick, window = time.perf_counter(), []
+    for step in range(start, plan.total_steps):
+        batch = collate(encoded, plan.sampler.batch(step))
+        loss, parts = plan.loss_fn(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window.append(loss.item())
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == plan.total_steps:
+            now = time.perf_counter()
+            history.append({"step": done, "loss": sum(window) / len(window),
+                            "steps_per_s": len(window) / max(now - tick, 1e-9), **parts})
+            tick, window = now, []
+            opt_tensors, opt_info = optimizer_state(optimizer)
+            save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info},
+                            {**plan.tensors(), **opt_tensors}, done)
+        bar(done, window[-1] if window else loss.item(), parts)
+    bar.close()
+    index, _ = load_checkpoint(out)
+    return index
+
+
+def _check_resumable(index: dict, meta: dict, out: Path) -> None:
+    for key in ("stage", "tasks", "backbone", "prompt", "train", "total_steps"):
+        if index.get(key) != meta.get(key):
+            raise CheckpointError(
+                f"{out} holds a {index.get('stage')} checkpoint whose {key!r} differs from this run's; resume with the "
+                "same options, or choose another --out"
+            )
+
+
+class _progress:
+    """A one-line progress display on stderr: step, loss, steps/s (tqdm when available)."""
+
+    def __init__(self, stage: str, start: int, total: int, enabled: bool):
+        self.enabled, self.start_time, self.start = enabled, time.perf_counter(), start
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def __call__(self, done: int, loss: float, parts: dict) -> None:
+        if not self.enabled:
+            return
+        rate = (done - self.start) / max(time.perf_counter() - self.start_time, 1e-9)
+        info = {"loss": f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()}, "steps/s": f"{rate:.2f}"}
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(info, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random backbones (Llama, BERT) with a word-level tokenizer, and synthetic tasks.
+
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import tokenizers
+import torch
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from mpt_edge.backbones import Backbone
+from mpt_edge.tasks import Example, TaskData, TaskSpec
+
+FILLER = ["the", "a", "film", "plot", "story", "was", "is", "really", "quite", "very", "and", "it", "this"]
+KEYS = {
+    "polarity": {"negative": ["bad", "dull", "awful"], "positive": ["good", "great", "fine"]},
+    "topic": {"sport": ["ball", "goal", "team"], "science": ["atom", "cell", "star"], "music": ["song", "band", "tune"]},
+    "mood": {"negative": ["sad", "gloomy"], "positive": ["happy", "joyful"]},
+}
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+TEMPLATE_WORDS = ["Review", ":", "Topic", "Sentiment", "Mood"]
+LABEL_WORDS = ["negative", "positive", "sport", "science", "music"]
+VOCAB = list(dict.fromkeys(SPECIALS + FILLER + TEMPLATE_WORDS + LABEL_WORDS +
+                           [w for task in KEYS.values() for words in task.values() for w in words]))
+
+
+def make_tokenizer(bert: bool) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    if bert:
+        tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def tiny_llama_backbone() -> Backbone:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, initializer_range=0.3,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return Backbone("tiny-llama", "causal", model, make_tokenizer(bert=False), None)
+
+
+def tiny_bert_backbone() -> Backbone:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128)
+    model = BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)
+    return Backbone("tiny-bert", "encoder", model, make_tokenizer(bert=True), None)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama_backbone()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert_backbone()
+
+
+@pytest.fixture(params=["causal", "encoder"])
+def backbone(request):
+    return tiny_llama_backbone() if request.param == "causal" else tiny_bert_backbone()
+
+
+SPECS = {
+    "polarity": TaskSpec("polarity", ("negative", "positive"), template="Review : {text} Sentiment :"),
+    "topic": TaskSpec("topic", ("sport", "science", "music"), template="{text} Topic :"),
+    "mood": TaskSpec("mood", ("negative", "positive"), template="{text} Mood :"),
+}
+
+
+def synthetic_rows(name: str, count: int, seed: int) -> list[dict]:
+    """Rows {"text", "label"}: filler words around one key word that decides the label."""
+    rng = random.Random(f"{name}-{seed}")
+    labels = list(KEYS[name])
+    rows = []
+    for i in range(count):
+        label = labels[i % len(labels)]
+        words = rng.sample(FILLER, rng.randint(2, 6))
+        words.insert(rng.randint(0, len(words)), rng.choice(KEYS[name][label]))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def synthetic_task(name: str, count: int = 48, seed: int = 0) -> TaskData:
+    spec = SPECS[name]
+    return TaskData(spec, [Example({"text": r["text"]}, spec.labels.index(r["label"]))
+                           for r in synthetic_rows(name, count, seed)])
