@@ -51,3 +51,33 @@ def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch
             "n": int(len(gold)),
         }
     return results
+
+
+def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Evaluate a `Trained` checkpoint on `tasks` (TaskData, names among the checkpoint's tasks)."""
+    from mpt_edge.batching import encode_tasks
+    from mpt_edge.stages import classifier_for
+
+    order = torch.tensor([trained.index_of(t.spec.name) for t in tasks])
+    encoded = encode_tasks(tasks, backbone.tokenizer, max_length)
+    heads = None
+    if trained.heads is not None:
+        from mpt_edge.heads import TaskHeads
+
+        heads = TaskHeads([trained.heads.weight[int(k)] for k in order], [trained.heads.bias[int(k)] for k in order])
+    classifier = classifier_for(backbone, [t.spec for t in tasks], heads, trained.meta.get("pooling") or "mean")
+    prompts = trained.prompt.fold().detach()[order] if trained.prompt is not None else None
+    return evaluate(classifier, (lambda ids: prompts[ids]) if prompts is not None else (lambda ids: None),
+                    encoded, batch_size)
+
+
+def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Causal backbones without any prompt: verbalizer scoring of the template alone."""
+    from mpt_edge.batching import encode_tasks
+    from mpt_edge.stages import classifier_for
+
+    if backbone.family != "causal":
+        raise ValueError("zero-shot needs a causal backbone (verbalizer scoring); encoder heads must be trained: "
+                         "use `mpt-edge train target --method head`")
+    classifier = classifier_for(backbone, [t.spec for t in tasks], None)
+    return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length), batch_size)

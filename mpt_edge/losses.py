@@ -52,4 +52,4 @@ def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hi
     """λ (L_logits + L_hidden) and its parts for logging."""
     kl = logits_distillation(student_logits, teacher_logits, config.temperature)
     mse = hidden_distillation(student_hidden, teacher_hidden, mask)
-    return config.weight * (kl + mse), {"kl": float(kl), "mse": float(mse)}
+    return config.weight * (kl + mse), {"kl": kl.item(), "mse": mse.item()}

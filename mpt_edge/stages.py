@@ -159,7 +159,7 @@ def distilled_loss(student: Classifier, prompt: MultitaskPrompt, teacher: Classi
         ce = task_loss(logits, batch.labels)
         extra, parts = distillation_loss(logits, teacher_logits, out.hidden, teacher_out.hidden,
                                          batch.attention_mask, distill)
-        return ce + extra, {"ce": float(ce), **parts}
+        return ce + extra, {"ce": ce.item(), **parts}
 
     return loss_fn
 

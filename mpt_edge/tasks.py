@@ -162,3 +162,31 @@ def write_task(folder: Path, spec: TaskSpec, splits: dict[str, list[dict]]) -> N
     write_text_atomic(folder / "task.json", json.dumps(spec.to_json(), indent=2) + "\n")
     for split, rows in splits.items():
         write_text_atomic(folder / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def few_shot(task: TaskData, k_per_class: int, seed: int) -> TaskData:
+    """At most `k_per_class` examples of each label, drawn with a seeded shuffle (original order kept)."""
+    import random
+
+    if k_per_class < 1:
+        raise TaskError(f"k per class must be >= 1, got {k_per_class}")
+    order = list(range(len(task.examples)))
+    random.Random(f"{task.spec.name}:{seed}").shuffle(order)
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        label = task.examples[i].label
+        if taken.get(label, 0) < k_per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return TaskData(task.spec, [task.examples[i] for i in sorted(keep)])
+
+
+def first_n(task: TaskData, limit: int, seed: int) -> TaskData:
+    """A seeded random subset of at most `limit` examples (e.g. a smaller test split for quick runs)."""
+    import random
+
+    if len(task.examples) <= limit:
+        return task
+    keep = sorted(random.Random(f"{task.spec.name}:{seed}:limit").sample(range(len(task.examples)), limit))
+    return TaskData(task.spec, [task.examples[i] for i in keep])

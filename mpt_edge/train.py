@@ -7,6 +7,7 @@ backbone runs in eval mode (no dropout), so a resumed run reaches the same resul
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -121,23 +122,24 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window.append(loss.item())
+        window.append({"loss": loss.item(), **parts})
         done = step + 1
         if done % config.checkpoint_every == 0 or done == plan.total_steps:
             now = time.perf_counter()
-            history.append({"step": done, "loss": sum(window) / len(window),
-                            "steps_per_s": len(window) / max(now - tick, 1e-9), **parts})
+            means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            history.append({"step": done, **means, "steps_per_s": len(window) / max(now - tick, 1e-9)})
             tick, window = now, []
             opt_tensors, opt_info = optimizer_state(optimizer)
             save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info},
                             {**plan.tensors(), **opt_tensors}, done)
-        bar(done, window[-1] if window else loss.item(), parts)
+        bar(done, loss.item(), parts)
     bar.close()
     index, _ = load_checkpoint(out)
     return index
 
 
 def _check_resumable(index: dict, meta: dict, out: Path) -> None:
+    meta = json.loads(json.dumps(meta))  # compare as saved (tuples become lists)
     for key in ("stage", "tasks", "backbone", "prompt", "train", "total_steps"):
         if index.get(key) != meta.get(key):
             raise CheckpointError(

@@ -51,7 +51,7 @@ def tiny_llama_backbone() -> Backbone:
 def tiny_bert_backbone() -> Backbone:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128)
+                        num_attention_heads=4, max_position_embeddings=128, initializer_range=0.3)
     model = BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)
     return Backbone("tiny-bert", "encoder", model, make_tokenizer(bert=True), None)
 

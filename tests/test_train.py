@@ -1,0 +1,184 @@
+"""Training stages on tiny random backbones: frozen backbone, gradients, losses, resume, distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_task
+from mpt_edge import stages
+from mpt_edge.backbones import fingerprint
+from mpt_edge.batching import collate, encode_tasks
+from mpt_edge.checkpoint import CheckpointError, load_checkpoint
+from mpt_edge.losses import DistillConfig, distillation_loss, hidden_distillation, logits_distillation
+from mpt_edge.prompt import PromptConfig
+from mpt_edge.train import TrainConfig, fit
+from mpt_edge.trained import load_trained
+
+PROMPT = PromptConfig(length=4)
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 30, "batch_size": 8, "max_length": 32, "checkpoint_every": 10, **kw})
+
+
+def encoded(backbone, *names, count=48, seed=0):
+    return encode_tasks([synthetic_task(n, count, seed) for n in names], backbone.tokenizer, 32)
+
+
+def first_last_loss(index) -> tuple[float, float]:
+    return index["history"][0]["loss"], index["history"][-1]["loss"]
+
+
+@pytest.fixture
+def source_runs(backbone, tmp_path):
+    """Teachers and source checkpoints on two synthetic source tasks."""
+    src = encoded(backbone, "polarity", "topic")
+    cfg = config()
+    fit(stages.prompt_tuning("teachers", backbone, src, cfg, PROMPT), src, cfg, tmp_path / "teachers", progress=False)
+    teachers = load_trained(tmp_path / "teachers")
+    fit(stages.source(backbone, src, teachers, cfg, rank=2), src, cfg, tmp_path / "source", progress=False)
+    return teachers, load_trained(tmp_path / "source")
+
+
+def test_backbone_stays_bit_identical_and_only_prompt_params_get_grads(backbone, tmp_path):
+    before = fingerprint(backbone.model)
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    src = encoded(backbone, "polarity", "topic")
+    plan = stages.prompt_tuning("teachers", backbone, src, config(steps=3), PROMPT)
+    loss, _ = plan.loss_fn(collate(src, plan.sampler.batch(0)))
+    loss.backward()
+    assert all(p.grad is None for p in backbone.model.parameters())
+    assert plan.prompt.shared[0].grad is not None and plan.prompt.shared[1].grad is None  # step 0 is task 0 only
+    assert all(p.grad is None for p in [*plan.prompt.u, *plan.prompt.v])  # vanilla PT: factors frozen at ones
+    fit(plan, src, config(steps=3), tmp_path / "run", progress=False)
+    assert fingerprint(backbone.model) == before
+    assert all(torch.equal(v, backbone.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_every_stage_lowers_the_loss(backbone, source_runs, tmp_path):
+    teachers, source = source_runs
+    assert first_last_loss(teachers.meta)[1] < first_last_loss(teachers.meta)[0]
+    assert first_last_loss(source.meta)[1] < first_last_loss(source.meta)[0]
+    tgt = encoded(backbone, "mood", "polarity")
+    cfg = config()
+    plans = {f"target-{m}": stages.target(backbone, tgt, source, cfg, mode=m) for m in ("full", "factors")}
+    # group mode shares P* across both tasks, so its steps are not per task: give it the same total budget
+    plans["target-group"] = stages.target(backbone, tgt, source, config(steps=60), mode="group")
+    plans["pt"] = stages.prompt_tuning("pt", backbone, tgt, cfg, PROMPT)
+    if backbone.family == "encoder":
+        plans["head"] = stages.head_only(backbone, tgt, cfg)
+    for name, plan in plans.items():
+        run_cfg = config(steps=60) if name == "target-group" else cfg
+        first, last = first_last_loss(fit(plan, tgt, run_cfg, tmp_path / name, progress=False))
+        assert last < first, f"{name}: loss {first:.4f} → {last:.4f}"
+
+
+def test_target_modes_train_the_right_parameters(backbone, source_runs):
+    _, source = source_runs
+    tgt = encoded(backbone, "mood", "polarity")
+    full = stages.target(backbone, tgt, source, config(), mode="full")
+    factors = stages.target(backbone, tgt, source, config(), mode="factors")
+    group = stages.target(backbone, tgt, source, config(), mode="group")
+    assert len(full.prompt.shared) == 2 and all(p.requires_grad for p in full.prompt.shared)
+    assert len(factors.prompt.shared) == 1 and not factors.prompt.shared[0].requires_grad
+    assert all(p.requires_grad for p in [*factors.prompt.u, *factors.prompt.v])
+    assert len(group.prompt.shared) == 1 and group.prompt.shared[0].requires_grad
+    src = source.prompt.tensors()
+    torch.testing.assert_close(full.prompt.u[1].detach(), src["prompt.u"].mean(0))
+    torch.testing.assert_close(full.prompt.shared[1].detach(), src["prompt.shared"][0])
+    one = stages.target(backbone, tgt, source, config(), mode="full", factor_init="topic")
+    torch.testing.assert_close(one.prompt.v[0].detach(), src["prompt.v"][source.index_of("topic")])
+
+
+def test_distillation_loss_is_zero_for_identical_student_and_positive_otherwise():
+    logits, hidden = torch.randn(4, 3), torch.randn(4, 5, 8)
+    mask = torch.ones(4, 5)
+    same, parts = distillation_loss(logits, logits, hidden, hidden, mask, DistillConfig())
+    assert same.abs() < 1e-6 and parts["kl"] < 1e-6 and parts["mse"] == 0
+    assert logits_distillation(logits + torch.randn(4, 3), logits, temperature=2.0) > 0
+    assert hidden_distillation(hidden + 0.1, hidden, mask) > 0
+    mask[:, 3:] = 0
+    changed = hidden.clone()
+    changed[:, 3:] += 5.0  # padding positions do not count
+    assert hidden_distillation(changed, hidden, mask) == 0
+
+
+def test_source_stage_distils_and_gradients_reach_shared_and_factors(backbone, tmp_path):
+    src = encoded(backbone, "polarity", "topic")
+    cfg = config(steps=2)
+    fit(stages.prompt_tuning("teachers", backbone, src, cfg, PROMPT), src, cfg, tmp_path / "t", progress=False)
+    teachers = load_trained(tmp_path / "t")
+    plan = stages.source(backbone, src, teachers, cfg, rank=2, shared_init="vocab")
+    batch = collate(src, plan.sampler.batch(0))
+    loss, parts = plan.loss_fn(batch)
+    assert parts["kl"] > 0 and parts["mse"] > 0
+    loss.backward()
+    tasks = set(batch.task_ids.tolist())
+    assert plan.prompt.shared[0].grad is not None and plan.prompt.shared[0].grad.abs().sum() > 0
+    for k in tasks:
+        assert plan.prompt.u[k].grad.abs().sum() > 0 and plan.prompt.v[k].grad.abs().sum() > 0
+
+
+def test_student_equal_to_teacher_has_zero_distillation(backbone, tmp_path):
+    """One source task, P* = the teacher's prompt, u v = ones, heads copied: student == teacher at step 0."""
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=3)
+    fit(stages.prompt_tuning("teachers", backbone, src, cfg, PROMPT), src, cfg, tmp_path / "t", progress=False)
+    teachers = load_trained(tmp_path / "t")
+    plan = stages.source(backbone, src, teachers, cfg, rank=1, shared_init="teachers")
+    torch.testing.assert_close(plan.prompt.fold(), teachers.prompt.fold(), rtol=0, atol=0)
+    _, parts = plan.loss_fn(collate(src, plan.sampler.batch(0)))
+    assert parts["kl"] < 1e-6 and parts["mse"] < 1e-10
+
+
+def test_resume_equals_uninterrupted(backbone, tmp_path):
+    src = encoded(backbone, "polarity", "topic")
+    cfg = config(steps=12, checkpoint_every=4)
+    teachers_cfg = config(steps=2)
+    fit(stages.prompt_tuning("teachers", backbone, src, teachers_cfg, PROMPT), src, teachers_cfg, tmp_path / "t",
+        progress=False)
+    teachers = load_trained(tmp_path / "t")
+    fit(stages.source(backbone, src, teachers, cfg, rank=2), src, cfg, tmp_path / "whole", progress=False)
+
+    doomed = stages.source(backbone, src, teachers, cfg, rank=2)
+    calls = {"n": 0}
+    inner = doomed.loss_fn
+
+    def dies_at_step_10(batch):  # killed after the step-8 checkpoint, mid-way to the next one
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return inner(batch)
+
+    doomed.loss_fn = dies_at_step_10
+    with pytest.raises(KeyboardInterrupt):
+        fit(doomed, src, cfg, tmp_path / "split", progress=False)
+    assert load_checkpoint(tmp_path / "split")[0]["step"] == 8
+    with pytest.raises(CheckpointError, match="--resume"):
+        fit(stages.source(backbone, src, teachers, cfg, rank=2), src, cfg, tmp_path / "split", progress=False)
+    fit(stages.source(backbone, src, teachers, cfg, rank=2), src, cfg, tmp_path / "split", resume=True, progress=False)
+    _, whole = load_checkpoint(tmp_path / "whole")
+    _, resumed = load_checkpoint(tmp_path / "split")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_with_other_options_is_refused(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=2)
+    fit(stages.prompt_tuning("pt", backbone, src, cfg, PROMPT), src, cfg, tmp_path / "r", progress=False)
+    other = config(steps=2, lr_prompt=0.1)
+    with pytest.raises(CheckpointError, match="differs"):
+        fit(stages.prompt_tuning("pt", backbone, src, other, PROMPT), src, other, tmp_path / "r", resume=True,
+            progress=False)
+
+
+def test_train_config_checks_fields():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr_prompt"):
+        TrainConfig(lr_prompt=0)
+    with pytest.raises(ValueError, match="mode"):
+        stages.target(None, [], None, config(), mode="everything")
