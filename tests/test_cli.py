@@ -1,0 +1,108 @@
+"""The command line end to end on a tiny local backbone folder and synthetic task folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from conftest import SPECS, VOCAB, make_tokenizer, synthetic_rows, tiny_llama_backbone
+from mpt_edge.cli import app
+from mpt_edge.tasks import write_task
+
+runner = CliRunner()
+FAST = ["--steps", "3", "--prompt-length", "4", "--max-length", "32", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    backbone = tiny_llama_backbone()
+    backbone.model.save_pretrained(root / "tiny-llama")
+    backbone.tokenizer.save(str(root / "tiny-llama" / "tokenizer.json"))
+    for name, spec in SPECS.items():
+        write_task(root / "data" / name, spec, {split: synthetic_rows(name, 24, seed)
+                                                 for seed, split in enumerate(["train", "dev", "test"])})
+    return root
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def common(ws):
+    return ["--backbone", ws / "tiny-llama", "--data", ws / "data"]
+
+
+def test_full_pipeline_from_the_command_line(workspace):
+    ws, out = workspace, workspace / "runs"
+    result = invoke("train", "teachers", "--tasks", "polarity,topic", "--out", out / "t", *common(ws), *FAST)
+    assert result.exit_code == 0, result.output
+    assert "teachers: 6 steps" in result.output
+    result = invoke("train", "source", "--teachers", out / "t", "--out", out / "s", "--rank", "2", *common(ws),
+                    "--steps", "3", "--max-length", "32", "--quiet")
+    assert result.exit_code == 0, result.output
+    for method, extra in [("mpt", ["--source", out / "s", "--mode", "factors"]), ("pt", []),
+                          ("spot", ["--source", out / "t", "--spot-task", "polarity"])]:
+        result = invoke("train", "target", "--tasks", "mood", "--method", method, "--out", out / method, *extra,
+                        *common(ws), *FAST)
+        assert result.exit_code == 0, f"{method}: {result.output}"
+    result = invoke("eval", out / "mpt", "--split", "test", "--json", *common(ws), "--max-length", "32")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["mood"]
+    assert 0 <= scores["accuracy"] <= 1 and scores["n"] == 24
+    result = invoke("eval", "--zero-shot", "--tasks", "mood", *common(ws))
+    assert result.exit_code == 0 and "mood" in result.output
+
+
+def test_config_file_supplies_options(workspace, tmp_path):
+    cfg = tmp_path / "pt.toml"
+    cfg.write_text('tasks = ["polarity"]\nsteps = 2\nprompt-length = 3\nmax_length = 32\nquiet = true\n')
+    result = invoke("train", "target", "--method", "pt", "--config", cfg, "--out", tmp_path / "pt", *common(workspace))
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "pt" / "checkpoint.json").read_text())
+    assert index["step"] == 2 and index["prompt"]["length"] == 3
+    cfg.write_text("stepz = 2\n")
+    result = invoke("train", "target", "--method", "pt", "--config", cfg, "--tasks", "polarity", "--out", tmp_path / "x")
+    assert result.exit_code != 0 and "unknown option(s) ['stepz']" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "target", "--method", "pt", "--tasks", "nosuch"], "error: task 'nosuch' not found"),
+    (["train", "target", "--method", "mpt", "--tasks", "mood"], "error: --method mpt needs --source"),
+    (["train", "target", "--method", "pt", "--tasks", "mood", "--steps", "0"], "steps must be an integer >= 1"),
+    (["eval", "--tasks", "mood"], "give a CHECKPOINT folder, or --zero-shot"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero_exit(workspace, tmp_path, args, message):
+    result = invoke(*args, "--out", tmp_path / "o", *common(workspace)) if args[0] == "train" else \
+        invoke(*args, *common(workspace))
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_checkpoint_is_not_overwritten_and_other_backbone_is_refused(workspace, tmp_path):
+    ws = workspace
+    first = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt", *common(ws), *FAST)
+    assert first.exit_code == 0, first.output
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "pt").iterdir()}
+    again = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt", *common(ws), *FAST)
+    assert again.exit_code == 1 and "--resume" in again.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pt").iterdir()} == saved
+
+    narrow = tmp_path / "narrow-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(narrow)
+    make_tokenizer(bert=False).save(str(narrow / "tokenizer.json"))
+    result = invoke("eval", tmp_path / "pt", "--backbone", narrow, "--data", ws / "data")
+    assert result.exit_code == 1 and "hidden size 32" in result.output and "hidden size 16" in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pt").iterdir()} == saved
+
+
+def test_every_command_has_help_with_an_example():
+    for command in (["train", "teachers"], ["train", "source"], ["train", "target"], ["eval"], ["data", "fetch"],
+                    ["quickstart"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Example: mpt-edge" in result.output, command
