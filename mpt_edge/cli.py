@@ -51,7 +51,7 @@ BatchSize = Annotated[int, typer.Option(help="Examples per step.")]
 MaxLength = Annotated[int, typer.Option(help="Input tokens per example (prompt not counted).")]
 PromptLength = Annotated[int, typer.Option(help="Prompt vectors l (paper: 100).")]
 Rank = Annotated[int, typer.Option(help="Rank r of each task's factor pair (paper: 1).")]
-LrPrompt = Annotated[float, typer.Option(help="Adafactor learning rate of the prompt P* (paper: 0.3).")]
+LrPrompt = Annotated[float, typer.Option(help="Adafactor relative-step cap for the prompt P* (paper: 0.3 absolute on T5).")]
 LrFactors = Annotated[float, typer.Option(help="Adafactor learning rate of U, V (paper: 0.4).")]
 LrHead = Annotated[float, typer.Option(help="Learning rate of encoder heads.")]
 Seed = Annotated[int, typer.Option(help="Seed of initialisation and sampling.")]
@@ -138,7 +138,7 @@ def data_fetch(
 def train_teachers(
     tasks: Tasks, out: Out, config: Config = None, backbone: Backbone = "smollm2-135m", data: DataDir = None,
     steps: Steps = 200, batch_size: BatchSize = 8, max_length: MaxLength = 128, prompt_length: PromptLength = 100,
-    lr_prompt: LrPrompt = 0.3, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
+    lr_prompt: LrPrompt = 0.03, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="Prompt init: vocab (paper), random, text.")] = "vocab",
     init_text: Annotated[str, typer.Option(help="Text for --init text.")] = "",
     checkpoint_every: CheckpointEvery = 50, pooling: Pooling = "mean", resume: Resume = False, quiet: Quiet = False,
@@ -168,7 +168,7 @@ def train_source(
     teachers: Annotated[Path, typer.Option(help="Checkpoint folder of `train teachers`.")],
     out: Out, config: Config = None, tasks: Annotated[str, typer.Option(help="Source tasks (default: the teachers).")] = "",
     backbone: Backbone = "smollm2-135m", data: DataDir = None, steps: Steps = 300, batch_size: BatchSize = 8,
-    max_length: MaxLength = 128, rank: Rank = 1, lr_prompt: LrPrompt = 0.3, lr_factors: LrFactors = 0.4,
+    max_length: MaxLength = 128, rank: Rank = 1, lr_prompt: LrPrompt = 0.03, lr_factors: LrFactors = 0.4,
     lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     distill_weight: Annotated[float, typer.Option(help="λ on KL + hidden MSE (paper: 0.9).")] = 0.9,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 1.0,
@@ -212,7 +212,7 @@ def train_target(
     factor_init: Annotated[str, typer.Option(help="mpt: mean (paper), shared-only, or a source task name.")] = "mean",
     spot_task: Annotated[str, typer.Option(help="spot: the source task whose prompt initialises the target.")] = "",
     backbone: Backbone = "smollm2-135m", data: DataDir = None, steps: Steps = 200, batch_size: BatchSize = 8,
-    max_length: MaxLength = 128, prompt_length: PromptLength = 100, lr_prompt: LrPrompt = 0.3,
+    max_length: MaxLength = 128, prompt_length: PromptLength = 100, lr_prompt: LrPrompt = 0.03,
     lr_factors: LrFactors = 0.4, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="pt: prompt init vocab, random, text.")] = "vocab",
     init_text: Annotated[str, typer.Option(help="Text for --init text.")] = "",

@@ -28,8 +28,8 @@ class TrainConfig:
     steps: int = 200             # optimizer steps (per task for the teachers stage)
     batch_size: int = 8
     max_length: int = 128        # input tokens per example, prompt not counted
-    lr_prompt: float = 0.3       # shared prompt P* [paper, Adafactor]
-    lr_factors: float = 0.4      # task factors U, V [paper, Adafactor]
+    lr_prompt: float = 0.03      # P*: cap on Adafactor's relative step (paper: 0.3 absolute on T5, see README)
+    lr_factors: float = 0.4      # U, V (paper: 0.4; factors sit near 1, so relative ≈ absolute)
     lr_head: float = 0.1         # encoder heads
     checkpoint_every: int = 50   # steps between checkpoints (and the last step)
     seed: int = 0

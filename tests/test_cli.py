@@ -55,6 +55,8 @@ def test_full_pipeline_from_the_command_line(workspace):
     assert 0 <= scores["accuracy"] <= 1 and scores["n"] == 24
     result = invoke("eval", "--zero-shot", "--tasks", "mood", *common(ws))
     assert result.exit_code == 0 and "mood" in result.output
+    result = invoke("eval", out / "mpt", "--tasks", "topic", *common(ws))
+    assert result.exit_code == 1 and "error: unknown task 'topic'; known tasks: mood" in result.output
 
 
 def test_config_file_supplies_options(workspace, tmp_path):
@@ -106,3 +108,20 @@ def test_every_command_has_help_with_an_example():
                     ["quickstart"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Example: mpt-edge" in result.output, command
+
+
+def test_cli_defaults_match_the_config_dataclasses():
+    """The CLI spells out defaults (so --help is fast, without torch); they must equal the dataclasses'."""
+    import typer.main
+
+    from mpt_edge.losses import DistillConfig
+    from mpt_edge.train import TrainConfig
+
+    defaults = {**TrainConfig().__dict__, "distill_weight": DistillConfig().weight,
+                "temperature": DistillConfig().temperature}
+    group = typer.main.get_command(app)
+    for path in (["train", "teachers"], ["train", "source"], ["train", "target"]):
+        command = group.commands[path[0]].commands[path[1]]
+        for param in command.params:
+            if param.name in defaults and param.name != "steps":
+                assert param.default == defaults[param.name], f"{' '.join(path)} --{param.name}"

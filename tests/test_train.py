@@ -19,7 +19,9 @@ PROMPT = PromptConfig(length=4)
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(**{"steps": 30, "batch_size": 8, "max_length": 32, "checkpoint_every": 10, **kw})
+    # tiny random backbones want a larger relative step than the real-backbone default (0.03)
+    return TrainConfig(**{"steps": 30, "batch_size": 8, "max_length": 32, "checkpoint_every": 10, "lr_prompt": 0.3,
+                          **kw})
 
 
 def encoded(backbone, *names, count=48, seed=0):
