@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from mpt_edge.batching import EncodedTask, sequential_batches
+from mpt_edge.batching import EncodedTask, encode_tasks, sequential_batches
 from mpt_edge.scoring import Classifier
+from mpt_edge.stages import classifier_for
 
 
 def macro_f1(predicted: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
@@ -55,16 +56,9 @@ def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch
 
 def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Evaluate a `Trained` checkpoint on `tasks` (TaskData, names among the checkpoint's tasks)."""
-    from mpt_edge.batching import encode_tasks
-    from mpt_edge.stages import classifier_for
-
     order = torch.tensor([trained.index_of(t.spec.name) for t in tasks])
     encoded = encode_tasks(tasks, backbone.tokenizer, max_length)
-    heads = None
-    if trained.heads is not None:
-        from mpt_edge.heads import TaskHeads
-
-        heads = TaskHeads([trained.heads.weight[int(k)] for k in order], [trained.heads.bias[int(k)] for k in order])
+    heads = trained.heads.select(order) if trained.heads is not None else None
     classifier = classifier_for(backbone, [t.spec for t in tasks], heads, trained.meta.get("pooling") or "mean")
     prompts = trained.prompt.fold().detach()[order] if trained.prompt is not None else None
     return evaluate(classifier, (lambda ids: prompts[ids]) if prompts is not None else (lambda ids: None),
@@ -73,9 +67,6 @@ def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: i
 
 def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Causal backbones without any prompt: verbalizer scoring of the template alone."""
-    from mpt_edge.batching import encode_tasks
-    from mpt_edge.stages import classifier_for
-
     if backbone.family != "causal":
         raise ValueError("zero-shot needs a causal backbone (verbalizer scoring); encoder heads must be trained: "
                          "use `mpt-edge train target --method head`")

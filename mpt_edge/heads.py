@@ -40,6 +40,11 @@ class TaskHeads(nn.Module):
         valid = torch.arange(width, device=features.device)[None, :] < counts[:, None]
         return score_rows(features, weight, valid, bias)
 
+    def select(self, order) -> "TaskHeads":
+        """A frozen copy holding the heads of tasks `order` (indices into this one), in that order."""
+        order = [int(k) for k in order]
+        return TaskHeads([self.weight[k] for k in order], [self.bias[k] for k in order]).requires_grad_(False)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for k, (w, b) in enumerate(zip(self.weight, self.bias)):

@@ -91,10 +91,8 @@ def source(backbone, encoded: Sequence[EncodedTask], teachers: Trained, config: 
         shared = init_prompt(shared_init, embeddings, length, generator, text_ids)
     u, v = identity_factors(len(specs), length, rank, dim, generator)
     prompt = MultitaskPrompt(shared[None], u, v, [0] * len(specs))
-    teacher_heads = _reorder_heads(teachers.heads, order)
-    heads = _reorder_heads(teachers.heads, order)
-    if heads is not None:
-        heads.requires_grad_(True)
+    teacher_heads = teachers.heads.select(order) if teachers.heads is not None else None
+    heads = teachers.heads.select(order).requires_grad_(True) if teachers.heads is not None else None
     student = classifier_for(backbone, specs, heads, pooling)
     teacher = classifier_for(backbone, specs, teacher_heads, pooling)
     sampler = MixtureSampler(_sizes(encoded), config.batch_size, config.seed, config.mixing_cap, config.max_tasks)
@@ -176,13 +174,6 @@ def _new_heads(backbone, specs, generator) -> TaskHeads | None:
     if backbone.family != "encoder":
         return None
     return TaskHeads.random([len(s.labels) for s in specs], _hidden(backbone), generator)
-
-
-def _reorder_heads(heads: TaskHeads | None, order: list[int]) -> TaskHeads | None:
-    if heads is None:
-        return None
-    copy = TaskHeads([heads.weight[k] for k in order], [heads.bias[k] for k in order])
-    return copy.requires_grad_(False)
 
 
 def _meta(backbone, specs, prompt: MultitaskPrompt | None, heads: TaskHeads | None, pooling: str, **extra) -> dict:

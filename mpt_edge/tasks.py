@@ -7,6 +7,7 @@ example per line: the template's fields plus `"label"`, e.g. `{"text": "great fi
 from __future__ import annotations
 
 import json
+import random
 import re
 import string
 from dataclasses import asdict, dataclass, field
@@ -166,8 +167,6 @@ def write_task(folder: Path, spec: TaskSpec, splits: dict[str, list[dict]]) -> N
 
 def few_shot(task: TaskData, k_per_class: int, seed: int) -> TaskData:
     """At most `k_per_class` examples of each label, drawn with a seeded shuffle (original order kept)."""
-    import random
-
     if k_per_class < 1:
         raise TaskError(f"k per class must be >= 1, got {k_per_class}")
     order = list(range(len(task.examples)))
@@ -184,8 +183,6 @@ def few_shot(task: TaskData, k_per_class: int, seed: int) -> TaskData:
 
 def first_n(task: TaskData, limit: int, seed: int) -> TaskData:
     """A seeded random subset of at most `limit` examples (e.g. a smaller test split for quick runs)."""
-    import random
-
     if len(task.examples) <= limit:
         return task
     keep = sorted(random.Random(f"{task.spec.name}:{seed}:limit").sample(range(len(task.examples)), limit))
