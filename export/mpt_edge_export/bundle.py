@@ -1,0 +1,193 @@
+"""Write bundle format v1 (see `mpt_edge_runtime.format`): graph, tokenizer, factors, tasks, manifest.
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so a failed export
+leaves no half bundle, and an existing bundle is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save as save_tensors
+
+from mpt_edge_export import transform
+from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
+from mpt_edge_export.parity import check_parity, parity_report
+from mpt_edge_runtime import format as fmt
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed (existing output, bad options, inconsistent tasks)."""
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    """One task for the bundle: spec (name, kind, labels, template, verbalizers, group, max_length), factors
+    u (l, r), v (r, d) and head weight (C, d), bias (C,)."""
+
+    spec: dict
+    u: np.ndarray
+    v: np.ndarray
+    head_weight: np.ndarray
+    head_bias: np.ndarray
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    optimize: bool = False        # onnxruntime extended graph optimizations, saved offline
+    quantize: str | None = None   # an int8 recipe of transform.INT8_RECIPES
+    dtype: str = "fp32"           # fp32, or fp16 (for CUDA)
+    opset: int = DEFAULT_OPSET
+    tolerance: float = 1e-3       # fp32 parity: max |onnx − torch| / max(|torch|, 1)
+    max_length: int = 128         # longest parity case (tokens)
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.quantize is not None and self.quantize not in transform.INT8_RECIPES:
+            raise ExportError(f"--quantize {self.quantize!r} is not one of {', '.join(transform.INT8_RECIPES)}")
+        if self.dtype not in transform.DTYPES:
+            raise ExportError(f"--dtype {self.dtype!r} is not one of {', '.join(transform.DTYPES)}")
+        if self.quantize and self.dtype != "fp32":
+            raise ExportError("int8 quantization is for CPU and fp16 for CUDA: choose one of --quantize / --dtype fp16")
+
+
+@dataclass
+class BundleSource:
+    """What a bundle is made of: the frozen backbone, its adapter and tokenizer, shared prompts and tasks."""
+
+    family: str
+    backbone: dict                 # name, model_type, hidden_size, layers, heads, kv_heads, vocab_size, max_positions
+    model: object                  # torch.nn.Module, frozen
+    adapter: object
+    tokenizer: object              # tokenizers.Tokenizer
+    groups: list[np.ndarray]       # shared prompts P*, each (l, d)
+    tasks: list[ExportTask]
+    extra: dict = field(default_factory=dict)
+
+
+def write_bundle(source: BundleSource, out: Path, options: ExportOptions = ExportOptions(), log=lambda msg: None) -> dict:
+    """Export `source` into the folder `out`; returns the manifest."""
+    out = Path(out)
+    if out.exists() and not options.overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    length, dim = source.groups[0].shape
+    _check_tasks(source, length, dim)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _build(source, tmp, options, length, dim, log)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _build(source: BundleSource, folder: Path, options: ExportOptions, length: int, dim: int, log) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    graph = folder / fmt.GRAPH
+    wrapper = PromptedFeatures(source.model, source.adapter)
+    vocab = source.backbone["vocab_size"]
+    log(f"exporting the {source.family} graph (opset {options.opset})")
+    export_graph(wrapper, graph, length, dim, vocab, options.opset)
+    args = (wrapper, graph, length, dim, vocab, options.max_length)
+    parity = {"fp32": check_parity(parity_report(*args), options.tolerance)}
+    transforms = {}
+    if options.optimize:
+        log("optimizing with onnxruntime")
+        _replace(graph, lambda dst: transform.optimize(graph, dst))
+        parity["optimized"] = check_parity(parity_report(*args), options.tolerance)
+        transforms["optimize"] = "ORT_ENABLE_EXTENDED"
+    if options.quantize:
+        log(f"quantizing ({options.quantize})")
+        transforms["quantize"] = _replace(graph, lambda dst: transform.quantize_int8(graph, dst, options.quantize))
+        parity["int8"] = parity_report(*args)  # reported, not enforced: int8 is approximate by design
+    if options.dtype == "fp16":
+        log("converting to fp16")
+        _replace(graph, lambda dst: transform.to_fp16(graph, dst))
+        transforms["dtype"] = "fp16"
+    source.tokenizer.save(str(folder / fmt.TOKENIZER))
+    tensors = {fmt.shared_key(g): np.ascontiguousarray(p, dtype=np.float32) for g, p in enumerate(source.groups)}
+    for task in source.tasks:
+        name = task.spec["name"]
+        for part, value in (("u", task.u), ("v", task.v), ("head.weight", task.head_weight),
+                            ("head.bias", task.head_bias)):
+            tensors[fmt.task_key(name, part)] = np.ascontiguousarray(value, dtype=np.float32)
+    (folder / fmt.PROMPTS).write_bytes(save_tensors(tensors))
+    (folder / fmt.TASKS).write_text(json.dumps({"tasks": [t.spec for t in source.tasks]}, indent=2) + "\n")
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    manifest = {
+        "format_version": fmt.FORMAT_VERSION,
+        "family": source.family,
+        "backbone": source.backbone,
+        "graph": {"file": fmt.GRAPH, "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()},
+                  "outputs": list(fmt.GRAPH_OUTPUTS), "opset": options.opset, "dtype": options.dtype, **transforms},
+        "prompt": {"length": length, "hidden_size": dim, "groups": len(source.groups)},
+        "tasks": [t.spec["name"] for t in source.tasks],
+        "files": files,
+        "parity": parity,
+        "options": asdict(options),
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     **source.extra.get("versions", {})},
+        **{k: v for k, v in source.extra.items() if k != "versions"},
+    }
+    (folder / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _check_tasks(source: BundleSource, length: int, dim: int) -> None:
+    names = [t.spec["name"] for t in source.tasks]
+    if not names or len(set(names)) != len(names):
+        raise ExportError(f"a bundle needs at least one task and unique task names, got {names}")
+    for g, shared in enumerate(source.groups):
+        if shared.shape != (length, dim):
+            raise ExportError(f"shared prompt {g} has shape {shared.shape}, expected ({length}, {dim})")
+    for task in source.tasks:
+        if not 0 <= task.spec["group"] < len(source.groups):
+            raise ExportError(f"task {task.spec['name']!r} names group {task.spec['group']}, bundle has {len(source.groups)}")
+
+
+def _replace(graph: Path, write) -> dict | None:
+    staged = graph.with_name(f"staged-{graph.name}")
+    result = write(staged)
+    os.replace(staged, graph)
+    return result
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def write_task_file(path: Path, task: ExportTask, shared: np.ndarray | None = None) -> None:
+    """A single-task factors file for `Engine.add_task`: u, v, head (and its own P* in `full` mode)."""
+    tensors = {"u": task.u, "v": task.v, "head.weight": task.head_weight, "head.bias": task.head_bias}
+    if shared is not None:
+        tensors["shared"] = shared
+    data = save_tensors({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+                        metadata={"task": json.dumps(task.spec)})
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,62 @@
+"""From a trained checkpoint and its backbone to what the exporter writes (`BundleSource`).
+
+Causal tasks get a "head" too: the output-embedding rows of their verbalizer tokens (and the LM head's bias
+where it has one), so the runtime scores every family the same way: logits = features @ Wᵀ + b.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import mpt_edge
+from mpt_edge.scoring import verbalizer_ids
+from mpt_edge.trained import Trained
+from mpt_edge_export.bundle import BundleSource, ExportError, ExportTask
+from mpt_edge_export.families import adapter_for
+
+
+def backbone_facts(backbone) -> dict:
+    config = backbone.model.config
+    return {
+        "name": backbone.name,
+        "model_type": config.model_type,
+        "hidden_size": backbone.model.get_input_embeddings().embedding_dim,
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_heads": getattr(config, "num_attention_heads", None),
+        "num_kv_heads": getattr(config, "num_key_value_heads", getattr(config, "num_attention_heads", None)),
+        "vocab_size": backbone.model.get_input_embeddings().num_embeddings,
+        "max_positions": getattr(config, "max_position_embeddings", None),
+    }
+
+
+def bundle_source(trained: Trained, backbone) -> BundleSource:
+    """Shared prompts, per-task factors and heads of `trained`, ready for `write_bundle`."""
+    if trained.prompt is None:
+        raise ExportError("this checkpoint has no prompt (a head-only baseline); bundles serve prompted tasks")
+    tensors = trained.prompt.tensors()
+    max_length = trained.meta["train"]["max_length"]
+    tasks = []
+    for k, spec in enumerate(trained.specs):
+        weight, bias = _head(trained, backbone, k)
+        tasks.append(ExportTask(
+            spec={"name": spec.name, "kind": spec.kind, "labels": list(spec.labels), "template": spec.template,
+                  "verbalizers": list(spec.label_words), "group": int(tensors["prompt.task_groups"][k]),
+                  "max_length": max_length},
+            u=tensors["prompt.u"][k].numpy(), v=tensors["prompt.v"][k].numpy(), head_weight=weight, head_bias=bias))
+    pooling = trained.meta.get("pooling") or "mean"
+    adapter = adapter_for(backbone.family, **({"pooling": pooling} if backbone.family == "encoder" else {}))
+    return BundleSource(
+        family=backbone.family, backbone=backbone_facts(backbone), model=backbone.model, adapter=adapter,
+        tokenizer=backbone.tokenizer, groups=[g.numpy() for g in tensors["prompt.shared"]], tasks=tasks,
+        extra={"versions": {"mpt-edge": mpt_edge.__version__}, "pooling": pooling if backbone.family == "encoder" else None,
+               "source_checkpoint": {"stage": trained.meta.get("stage"), "step": trained.meta.get("step")}})
+
+
+def _head(trained: Trained, backbone, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if trained.heads is not None:
+        return trained.heads.weight[k].detach().numpy(), trained.heads.bias[k].detach().numpy()
+    ids = torch.tensor(verbalizer_ids(trained.specs[k], backbone.tokenizer))
+    head = backbone.model.get_output_embeddings()
+    bias = head.bias[ids] if getattr(head, "bias", None) is not None else torch.zeros(len(ids))
+    return head.weight[ids].detach().numpy().copy(), bias.detach().numpy().copy()

@@ -1,0 +1,115 @@
+"""Read and verify a bundle folder: manifest first (version before anything else), then hashes, then tasks.
+
+Only JSON, safetensors and ONNX are read; nothing is unpickled, and every file name must stay inside the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+
+from mpt_edge_runtime import format as fmt
+from mpt_edge_runtime.errors import BundleError
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A servable task: its text template, labels, and the composed prompt and head.
+
+    prompt (l, d) float32; head_weight (C, d) and head_bias (C,): logits = features @ head_weightᵀ + head_bias.
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    template: str
+    max_length: int
+    prompt: np.ndarray
+    head_weight: np.ndarray
+    head_bias: np.ndarray
+
+
+def compose(shared: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """P_k = P* ∘ (U_k V_k): shared (l, d), u (l, r), v (r, d) → (l, d) float32."""
+    return (shared.astype(np.float32) * (u.astype(np.float32) @ v.astype(np.float32))).astype(np.float32)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest, after checking format version, required files and every file's sha256."""
+    folder = Path(folder)
+    path = folder / fmt.MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"bundle {folder} is not a folder; pass the folder written by `mpt-edge export`")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: {folder} is not an mpt-edge bundle; re-export it with `mpt-edge export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON ({err}); re-export the bundle") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != fmt.FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {version!r} is not supported (this runtime reads {fmt.FORMAT_VERSION}); "
+            "upgrade mpt-edge or re-export the bundle with this version"
+        )
+    files = manifest.get("files", {})
+    for required in (fmt.GRAPH, fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS):
+        if required not in files:
+            raise BundleError(f"{path} lists no {required}; the bundle is incomplete, re-export it")
+    for name, digest in files.items():
+        _verify(folder, name, digest)
+    return manifest
+
+
+def _verify(folder: Path, name: str, digest: str) -> None:
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise BundleError(f"{folder / fmt.MANIFEST} names file {name!r} outside the bundle folder; refusing to load it")
+    target = folder / name
+    if not target.is_file():
+        raise BundleError(f"{target} is missing from the bundle; copy the whole bundle folder or re-export it")
+    sha = hashlib.sha256()
+    with open(target, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    if sha.hexdigest() != digest:
+        raise BundleError(f"{target} does not match its sha256 in {fmt.MANIFEST}: the file was changed or damaged; "
+                          "restore it or re-export the bundle")
+
+
+def read_tasks(folder: Path, manifest: dict) -> tuple[list[TaskEntry], dict[str, np.ndarray]]:
+    """Every task of the bundle with its prompt composed once (numpy), checked against the graph's shapes,
+    and the shared prompts by group name (what a hot-loaded task may build on)."""
+    folder = Path(folder)
+    try:
+        specs = json.loads((folder / fmt.TASKS).read_text())["tasks"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BundleError(f"{folder / fmt.TASKS} is not a valid task list ({err}); re-export the bundle") from None
+    tensors = load_tensors((folder / fmt.PROMPTS).read_bytes())
+    groups = {key.split(".")[1]: value for key, value in tensors.items() if key.startswith("groups.")}
+    return [task_entry(spec, tensors, manifest, str(folder / fmt.PROMPTS)) for spec in specs], groups
+
+
+def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where: str) -> TaskEntry:
+    """Build one TaskEntry from its spec and tensors; shapes must fit the graph (length l, hidden size d)."""
+    name = spec.get("name")
+    try:
+        shared = tensors[fmt.shared_key(spec["group"])]
+        u, v = tensors[fmt.task_key(name, "u")], tensors[fmt.task_key(name, "v")]
+        weight, bias = tensors[fmt.task_key(name, "head.weight")], tensors[fmt.task_key(name, "head.bias")]
+    except KeyError as err:
+        raise BundleError(f"{where}: task {name!r} needs tensor {err.args[0]!r}, which is missing") from None
+    length, dim = manifest["prompt"]["length"], manifest["prompt"]["hidden_size"]
+    if shared.shape != (length, dim) or u.shape[0] != length or v.shape[1:] != (dim,) or u.shape[1] != v.shape[0]:
+        raise BundleError(
+            f"{where}: task {name!r} has prompt factors shared {shared.shape}, u {u.shape}, v {v.shape}, which do not "
+            f"fit the graph's prompt ({length}, {dim}); export the task for this backbone and prompt length"
+        )
+    labels = tuple(spec["labels"])
+    if weight.shape != (len(labels), dim) or bias.shape != (len(labels),):
+        raise BundleError(f"{where}: task {name!r} head {weight.shape} does not fit {len(labels)} labels × hidden size {dim}")
+    return TaskEntry(name, labels, spec["template"], int(spec["max_length"]), compose(shared, u, v),
+                     weight.astype(np.float32), bias.astype(np.float32))

@@ -1,0 +1,36 @@
+"""Bundle format version 1: file names, graph input/output names, tensor keys. Writer and reader share these.
+
+    manifest.json        format_version, family, backbone facts, graph (file, inputs, outputs, opset, dtype),
+                         prompt (length, hidden_size), sha256 of every file, tool versions, parity report
+    model.onnx[.data]    the backbone graph: (input_ids, attention_mask, prompt_embeds) → features
+    tokenizer.json       a `tokenizers` file
+    prompts.safetensors  groups.<g>.shared (l, d); tasks.<name>.u (l, r), .v (r, d), .head.weight (C, d), .head.bias (C,)
+    tasks.json           {"tasks": [{name, kind, labels, template, verbalizers, group, max_length}, ...]}
+"""
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH = "model.onnx"
+TOKENIZER = "tokenizer.json"
+PROMPTS = "prompts.safetensors"
+TASKS = "tasks.json"
+
+INPUT_IDS, ATTENTION_MASK, PROMPT_EMBEDS = "input_ids", "attention_mask", "prompt_embeds"
+FEATURES = "features"
+
+# graph inputs and outputs as data: name → {axis: dynamic dimension name}
+GRAPH_INPUTS = {
+    INPUT_IDS: {0: "batch", 1: "sequence"},
+    ATTENTION_MASK: {0: "batch", 1: "sequence"},
+    PROMPT_EMBEDS: {0: "batch", 1: "prompt_length"},
+}
+GRAPH_OUTPUTS = {FEATURES: {0: "batch"}}
+
+
+def shared_key(group: int) -> str:
+    return f"groups.{group}.shared"
+
+
+def task_key(task: str, part: str) -> str:
+    """part: "u", "v", "head.weight" or "head.bias"."""
+    return f"tasks.{task}.{part}"
