@@ -21,13 +21,10 @@ from types import MappingProxyType
 import tokenizers
 import torch
 
+from mpt_edge.errors import BackboneError
 from mpt_edge.packages import PackageFetchError, cache_dir, fetch_package
 from mpt_edge_export.families import UnsupportedBackboneError, family_for_model_type
 from mpt_edge_runtime.text import plain_tokenizer
-
-
-class BackboneError(RuntimeError):
-    """A backbone that cannot be found, fetched, converted or loaded."""
 
 
 @dataclass(frozen=True)

@@ -330,3 +330,6 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+from mpt_edge import cli_bundle  # noqa: E402,F401  (registers export, run, inspect on `app`)

@@ -58,6 +58,26 @@ def test_full_pipeline_from_the_command_line(workspace):
     result = invoke("eval", out / "mpt", "--tasks", "topic", *common(ws))
     assert result.exit_code == 1 and "error: unknown task 'topic'; known tasks: mood" in result.output
 
+    result = invoke("export", out / "mpt", "--out", out / "bundle", "--backbone", ws / "tiny-llama")
+    assert result.exit_code == 0, result.output
+    assert "1 task(s)" in result.output and "parity max abs diff" in result.output
+    result = invoke("run", out / "bundle", "--task", "mood", "happy film", "sad plot", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[0] in ("negative", "positive") and lines[1].endswith("sad plot")
+    requests = ws / "requests.jsonl"
+    requests.write_text('{"task": "mood", "text": "joyful"}\n{"text": "gloomy"}\n')
+    result = invoke("run", out / "bundle", "--jsonl", requests, "--task", "mood")
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert result.exit_code == 0 and [r["text"] for r in rows] == ["joyful", "gloomy"]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    result = invoke("run", out / "bundle", "--task", "nope", "x")
+    assert result.exit_code == 1 and "unknown task 'nope'" in result.output
+    result = invoke("inspect", out / "bundle")
+    assert result.exit_code == 0 and "mood" in result.stdout and "parity fp32" in result.stdout
+    result = invoke("export", out / "mpt", "--out", out / "bundle", "--backbone", ws / "tiny-llama")
+    assert result.exit_code == 1 and "--overwrite" in result.output
+
 
 def test_config_file_supplies_options(workspace, tmp_path):
     cfg = tmp_path / "pt.toml"
@@ -105,7 +125,7 @@ def test_existing_checkpoint_is_not_overwritten_and_other_backbone_is_refused(wo
 
 def test_every_command_has_help_with_an_example():
     for command in (["train", "teachers"], ["train", "source"], ["train", "target"], ["eval"], ["data", "fetch"],
-                    ["quickstart"]):
+                    ["quickstart"], ["export"], ["run"], ["inspect"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Example: mpt-edge" in result.output, command
 
@@ -125,3 +145,20 @@ def test_cli_defaults_match_the_config_dataclasses():
         for param in command.params:
             if param.name in defaults and param.name != "steps":
                 assert param.default == defaults[param.name], f"{' '.join(path)} --{param.name}"
+
+
+def test_run_and_inspect_do_not_import_torch(workspace):
+    """Serving from the command line needs only the runtime."""
+    import subprocess
+    import sys
+
+    bundle = workspace / "runs" / "bundle"
+    if not bundle.is_dir():
+        pytest.skip("needs the bundle of test_full_pipeline_from_the_command_line")
+    code = ("import sys; from typer.testing import CliRunner; from mpt_edge.cli import app; "
+            f"r = CliRunner().invoke(app, ['run', {str(bundle)!r}, '--task', 'mood', 'happy']); "
+            "assert r.exit_code == 0, r.output; "
+            f"r = CliRunner().invoke(app, ['inspect', {str(bundle)!r}]); assert r.exit_code == 0, r.output; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,173 @@
+"""`mpt-edge export`, `run` and `inspect`: from a checkpoint to a bundle, and serving it.
+
+`run` and `inspect` use only the torch-free runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mpt_edge.cli import Backbone, Config, DataDir, _cli_errors, _data_dir, app
+
+Device = Annotated[str, typer.Option(help="cpu, cuda (an error if it cannot be had) or auto.")]
+
+
+@app.command("export")
+@_cli_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder of `mpt-edge train`.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
+    config: Config = None, backbone: Backbone = "smollm2-135m",
+    optimize: Annotated[bool, typer.Option(help="onnxruntime graph optimizations, saved in the graph.")] = False,
+    quantize: Annotated[Optional[str], typer.Option(help="Dynamic int8 for CPU: int8, int8-per-channel, int8-mixed.")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    data: DataDir = None,
+    eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare int8 with fp32 (0: skip).")] = 200,
+):
+    """Export a checkpoint to a bundle: backbone graph (prompt as input), tokenizer, factors, tasks, manifest.
+
+    Example: mpt-edge export runs/mpt --out bundles/mpt --quantize int8-mixed
+    """
+    from mpt_edge.backbones import load_backbone
+    from mpt_edge.bundling import bundle_source
+    from mpt_edge.trained import load_trained
+    from mpt_edge_export.bundle import ExportOptions, write_bundle
+
+    trained = load_trained(checkpoint)
+    options = ExportOptions(optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
+                            max_length=trained.meta["train"]["max_length"])
+    bb = load_backbone(backbone)
+    trained.check_backbone(bb, checkpoint)
+    manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
+    parity = manifest["parity"]
+    typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), graph {manifest['files']['model.onnx'][:12]}…, "
+               f"fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e}")
+    if quantize:
+        typer.echo(f"int8 ({quantize}) features vs PyTorch: min cosine {parity['int8']['min_cosine']:.4f}")
+        if eval_limit > 0:
+            _compare_quantized(bb, trained, out, manifest, _data_dir(data), eval_limit)
+
+
+def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Path, limit: int) -> None:
+    """Dev accuracy of the int8 bundle vs the fp32 PyTorch model; recorded in the manifest (not hashed)."""
+    import mpt_edge_runtime as mer
+    from mpt_edge.atomic import write_text_atomic
+    from mpt_edge.datasets import load_split
+    from mpt_edge.evaluate import evaluate_trained
+    from mpt_edge.tasks import TaskError
+
+    try:
+        dev = load_split(trained.task_names, data, "dev", limit=limit)
+    except TaskError as err:
+        typer.echo(f"note: no dev split to compare int8 with fp32 ({err})", err=True)
+        return
+    fp32 = evaluate_trained(backbone, trained, dev, max_length=trained.meta["train"]["max_length"])
+    engine = mer.load(bundle, device="cpu")
+    report = {}
+    for task in dev:
+        predictions = engine.classify(task.spec.name, [e.fields["text"] for e in task.examples])
+        accuracy = sum(p.label == task.spec.labels[e.label] for p, e in zip(predictions, task.examples)) / len(task)
+        report[task.spec.name] = {"fp32": fp32[task.spec.name]["accuracy"], "int8": accuracy, "n": len(task)}
+        typer.echo(f"{task.spec.name}: dev accuracy fp32 {report[task.spec.name]['fp32']:.4f} → int8 {accuracy:.4f} "
+                   f"({100 * (accuracy - report[task.spec.name]['fp32']):+.1f} points, {len(task)} examples)")
+    manifest["quantization_dev_accuracy"] = report
+    write_text_atomic(bundle / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+@app.command("run")
+@_cli_errors
+def run_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify with --task.")] = None,
+    task: Annotated[str, typer.Option(help="Task for the texts (or the default for JSONL rows without one).")] = "",
+    jsonl: Annotated[Optional[str], typer.Option(help="JSONL input file, or - for stdin: {\"task\", \"text\"} per line.")] = None,
+    device: Device = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: onnxruntime's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 32,
+):
+    """Classify texts with a bundle (no torch). Plain texts print one line each; JSONL in gives JSONL out.
+
+    Example: mpt-edge run bundles/mpt --task rotten_tomatoes "a gorgeous, moving film" "two hours I want back"
+    """
+    import mpt_edge_runtime as mer
+
+    if bool(texts) == bool(jsonl):
+        raise mer.InputError("give texts (with --task) or --jsonl FILE|-, not both and not neither")
+    engine = mer.load(bundle, device=device, threads=threads, batch_size=batch_size)
+    if texts:
+        if not task:
+            raise mer.InputError(f"--task is required with plain texts; tasks: {', '.join(engine.tasks)}")
+        for text, p in zip(texts, engine.classify(task, texts)):
+            typer.echo(f"{p.label}\t{p.score:.4f}\t{text}")
+        return
+    requests = _read_jsonl(jsonl, task)
+    for (name, text), p in zip(requests, engine.run(requests)):
+        typer.echo(json.dumps({"task": name, "text": text, "label": p.label, "score": p.score,
+                               "probabilities": p.probabilities}, ensure_ascii=False))
+
+
+def _read_jsonl(source: str, default_task: str) -> list[tuple[str, str]]:
+    import mpt_edge_runtime as mer
+
+    lines = sys.stdin.read().splitlines() if source == "-" else Path(source).read_text(encoding="utf-8").splitlines()
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise mer.InputError(f"{source}:{number}: malformed JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise mer.InputError(f"{source}:{number}: expected an object with a string \"text\"")
+        name = row.get("task", default_task)
+        if not name:
+            raise mer.InputError(f"{source}:{number}: no \"task\" and no --task default")
+        requests.append((name, row["text"]))
+    if not requests:
+        raise mer.InputError(f"{source}: no requests")
+    return requests
+
+
+@app.command("inspect")
+@_cli_errors
+def inspect_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+):
+    """Tasks, shapes, sizes per task, parity report and versions of a bundle (hashes verified).
+
+    Example: mpt-edge inspect bundles/mpt
+    """
+    from safetensors.numpy import load as load_tensors
+
+    from mpt_edge_runtime.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    tensors = load_tensors((bundle / "prompts.safetensors").read_bytes())
+    tasks = json.loads((bundle / "tasks.json").read_text())["tasks"]
+    b, g, p = manifest["backbone"], manifest["graph"], manifest["prompt"]
+    typer.echo(f"bundle {bundle} (format {manifest['format_version']}), family {manifest['family']}, backbone "
+               f"{b['name']} ({b['model_type']}, d={b['hidden_size']}, {b['num_layers']} layers)")
+    typer.echo(f"graph: opset {g['opset']}, {g['dtype']}" + (f", {g['quantize']['recipe']}" if g.get("quantize") else "")
+               + (", optimized" if g.get("optimize") else "") + f"; prompt l={p['length']}, {p['groups']} shared group(s)")
+    typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest["files"]))
+    typer.echo(f"{'task':<22} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
+    for spec in tasks:
+        parts = [tensors[f"tasks.{spec['name']}.{k}"] for k in ("u", "v", "head.weight", "head.bias")]
+        typer.echo(f"{spec['name']:<22} {len(spec['labels']):>6} {parts[0].shape[1]:>4} {spec['group']:>5} "
+                   f"{sum(x.nbytes for x in parts):>19}")
+    for name, report in manifest["parity"].items():
+        typer.echo(f"parity {name}: max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.5f} "
+                   f"over {len(report['cases'])} shapes")
+    typer.echo("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
