@@ -137,6 +137,17 @@ def test_int8_bundle_loads_and_classifies(backbone, tmp_path):
     assert len(predictions) == 7 and all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
 
 
+def test_fp16_bundle_loads_and_agrees_with_fp32(llama, tmp_path):
+    trained = trained_checkpoint(llama, tmp_path, names=("polarity",), rank=1)
+    manifest = write_bundle(bundle_source(trained, llama), tmp_path / "b16", ExportOptions(dtype="fp16", max_length=24))
+    assert manifest["graph"]["dtype"] == "fp16" and manifest["parity"]["fp16"]["min_cosine"] > 0.999
+    engine = mer.load(tmp_path / "b16", device="cpu")
+    assert engine.session.float_type == np.float16
+    expected = torch_probabilities(llama, trained, "polarity", texts_for("polarity"))
+    got = [[p.probabilities[l] for l in ("negative", "positive")] for p in engine.classify("polarity", texts_for("polarity"))]
+    np.testing.assert_allclose(np.array(got), expected, atol=2e-2)
+
+
 def test_optimized_bundle_keeps_parity(llama, tmp_path):
     trained = trained_checkpoint(llama, tmp_path, names=("polarity",), rank=1)
     manifest = write_bundle(bundle_source(trained, llama), tmp_path / "opt", ExportOptions(optimize=True, max_length=24))
