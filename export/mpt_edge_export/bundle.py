@@ -6,7 +6,6 @@ leaves no half bundle, and an existing bundle is replaced only with `overwrite=T
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from mpt_edge_export import transform
 from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
 from mpt_edge_export.parity import check_parity, parity_report
 from mpt_edge_runtime import format as fmt
+from mpt_edge_runtime.bundle import file_sha256
 
 
 class ExportError(ValueError):
@@ -124,7 +124,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
             tensors[fmt.task_key(name, part)] = np.ascontiguousarray(value, dtype=np.float32)
     (folder / fmt.PROMPTS).write_bytes(save_tensors(tensors))
     (folder / fmt.TASKS).write_text(json.dumps({"tasks": [t.spec for t in source.tasks]}, indent=2) + "\n")
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
         "family": source.family,
@@ -171,14 +171,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def write_task_file(path: Path, task: ExportTask, shared: np.ndarray | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from mpt_edge.atomic import write_text_atomic
 from mpt_edge.data.splits import label_counts, make_splits, normalize_text
 from mpt_edge.packages import cache_dir, fetch_package
 from mpt_edge.tasks import TaskSpec, UnknownTaskError, write_task
+from mpt_edge_runtime.bundle import file_sha256
 
 MANIFEST_FORMAT = 1
 MAX_CHARS = 2000  # longer texts are cut: keeps files small and prompts within a small backbone's context
@@ -240,14 +240,6 @@ def _existing_manifest(folder: Path, recipe: dict) -> dict | None:
     return manifest if same and files_there else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_task(source: SourceSpec, archive: Path, *, seed: int, max_train: int | None = None,
                max_eval: int | None = None) -> tuple[dict[str, list[dict]], dict]:
     """Read and split one task: `({"train"|"dev"|"test": rows}, manifest)`; writes nothing."""
@@ -262,7 +254,7 @@ def build_task(source: SourceSpec, archive: Path, *, seed: int, max_train: int |
         raise DataSourceError(f"{archive.name}: task {source.spec.name!r} has no rows left for split(s) {empty}; "
                               f"{skipped['read']} rows read")
     manifest = {**_recipe(source, seed, max_train, max_eval), "archive": archive.name,
-                "archive_sha256": _sha256(archive), "rows": skipped, "dedup": dedup.to_json(),
+                "archive_sha256": file_sha256(archive), "rows": skipped, "dedup": dedup.to_json(),
                 "counts": {name: {"total": len(splits[name]), "labels": label_counts(splits[name])} for name in SPLITS},
                 "mpt_edge_version": mpt_edge.__version__}
     return splits, manifest

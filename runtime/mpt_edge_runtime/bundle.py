@@ -65,17 +65,22 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def _verify(folder: Path, name: str, digest: str) -> None:
     if Path(name).name != name or name in ("", ".", ".."):
         raise BundleError(f"{folder / fmt.MANIFEST} names file {name!r} outside the bundle folder; refusing to load it")
     target = folder / name
     if not target.is_file():
         raise BundleError(f"{target} is missing from the bundle; copy the whole bundle folder or re-export it")
-    sha = hashlib.sha256()
-    with open(target, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    if sha.hexdigest() != digest:
+    if file_sha256(target) != digest:
         raise BundleError(f"{target} does not match its sha256 in {fmt.MANIFEST}: the file was changed or damaged; "
                           "restore it or re-export the bundle")
 
