@@ -243,3 +243,12 @@ def test_cuda_request_without_cuda_is_an_error_not_a_cpu_run(exported):
         pytest.skip("this onnxruntime has CUDA; the refusal path cannot be shown here")
     with pytest.raises(mer.DeviceError, match=r"install `mpt-edge\[gpu\]`"):
         mer.load(exported[2], device="cuda")
+
+
+def test_damaged_task_file_is_a_bundle_error(exported, tmp_path):
+    engine = mer.load(exported[2], device="cpu")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(mer.BundleError, match="is not an mpt-edge task file"):
+        engine.add_task("junk", tmp_path / "junk.safetensors")
+    with pytest.raises(mer.BundleError, match="does not exist"):
+        engine.add_task("missing", tmp_path / "missing.safetensors")

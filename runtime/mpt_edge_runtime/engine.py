@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from tokenizers import Tokenizer
 
@@ -135,13 +136,10 @@ def read_task_file(path: Path, manifest: dict, groups: dict[str, np.ndarray], na
         raise BundleError(f"task file {path} does not exist")
     data = path.read_bytes()
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
+        header_length = int.from_bytes(data[:8], "little")
+        spec = json.loads(json.loads(data[8:8 + header_length])["__metadata__"]["task"])
         tensors = load_tensors(data)
-        spec = json.loads(metadata["task"])
-    except Exception as err:  # a damaged or foreign file: say which and why
+    except (ValueError, KeyError, TypeError, SafetensorError) as err:  # damaged or foreign file: say which and why
         raise BundleError(f"{path} is not an mpt-edge task file ({type(err).__name__}: {err})") from None
     spec["name"] = name or spec["name"]
     keyed = {fmt.task_key(spec["name"], part): tensors[part] for part in ("u", "v", "head.weight", "head.bias")
