@@ -252,3 +252,13 @@ def test_damaged_task_file_is_a_bundle_error(exported, tmp_path):
         engine.add_task("junk", tmp_path / "junk.safetensors")
     with pytest.raises(mer.BundleError, match="does not exist"):
         engine.add_task("missing", tmp_path / "missing.safetensors")
+
+
+def test_parity_failure_names_the_numbers_and_leaves_no_bundle(llama, tmp_path):
+    from mpt_edge_export.parity import ParityError
+
+    trained = trained_checkpoint(llama, tmp_path, names=("polarity",), rank=1)
+    with pytest.raises(ParityError, match=r"differs from PyTorch by .* > tolerance 1e-12: batch 1 × 3: max abs diff") as err:
+        write_bundle(bundle_source(trained, llama), tmp_path / "never", ExportOptions(tolerance=1e-12, max_length=24))
+    assert len(err.value.report["cases"]) == 4
+    assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
