@@ -60,7 +60,7 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
     import mpt_edge_runtime as mer
     from mpt_edge.atomic import write_text_atomic
     from mpt_edge.datasets import load_split
-    from mpt_edge.evaluate import evaluate_trained
+    from mpt_edge.evaluate import evaluate_engine, evaluate_trained
     from mpt_edge.tasks import TaskError
 
     try:
@@ -72,8 +72,7 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
     engine = mer.load(bundle, device="cpu")
     report = {}
     for task in dev:
-        predictions = engine.classify(task.spec.name, [e.fields["text"] for e in task.examples])
-        accuracy = sum(p.label == task.spec.labels[e.label] for p, e in zip(predictions, task.examples)) / len(task)
+        accuracy = evaluate_engine(engine, task)[0]["accuracy"]
         report[task.spec.name] = {"fp32": fp32[task.spec.name]["accuracy"], "int8": accuracy, "n": len(task)}
         typer.echo(f"{task.spec.name}: dev accuracy fp32 {report[task.spec.name]['fp32']:.4f} → int8 {accuracy:.4f} "
                    f"({100 * (accuracy - report[task.spec.name]['fp32']):+.1f} points, {len(task)} examples)")

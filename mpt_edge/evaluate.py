@@ -72,3 +72,13 @@ def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32
                          "use `mpt-edge train target --method head`")
     classifier = classifier_for(backbone, [t.spec for t in tasks], None)
     return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length), batch_size)
+
+
+def evaluate_engine(engine, task) -> tuple[dict[str, float], list]:
+    """Score a runtime engine (`mpt_edge_runtime.Engine`) on a TaskData: ({"accuracy", "macro_f1", "n"}, predictions)."""
+    predictions = engine.classify(task.spec.name, [e.fields["text"] for e in task.examples])
+    predicted = np.array([task.spec.labels.index(p.label) for p in predictions])
+    gold = np.array([e.label for e in task.examples])
+    scores = {"accuracy": float(np.mean(predicted == gold)),
+              "macro_f1": macro_f1(predicted, gold, len(task.spec.labels)), "n": int(len(gold))}
+    return scores, predictions

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 import mpt_edge_runtime as mer
 from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
@@ -25,7 +23,7 @@ from mpt_edge.batching import encode_tasks
 from mpt_edge.bundling import bundle_source
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
-from mpt_edge.evaluate import evaluate_trained, evaluate_zero_shot, macro_f1
+from mpt_edge.evaluate import evaluate_engine, evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.train import TrainConfig, fit
 from mpt_edge.trained import load_trained
@@ -117,15 +115,9 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
 
 def _serve(bundle: Path, test) -> dict:
     """Classify the test texts with the runtime engine: accuracy and a few examples."""
-    engine = mer.load(bundle, device="cpu")
-    texts = [e.fields["text"] for e in test.examples]
-    predictions = engine.classify(test.spec.name, texts)
-    predicted = np.array([test.spec.labels.index(p.label) for p in predictions])
-    gold = np.array([e.label for e in test.examples])
-    return {"accuracy": float(np.mean(predicted == gold)), "macro_f1": macro_f1(predicted, gold, len(test.spec.labels)),
-            "n": len(gold),
-            "examples": [{"text": t[:70], "label": p.label, "score": round(p.score, 4)}
-                         for t, p in list(zip(texts, predictions))[:4]]}
+    scores, predictions = evaluate_engine(mer.load(bundle, device="cpu"), test)
+    return {**scores, "examples": [{"text": e.fields["text"][:70], "label": p.label, "score": round(p.score, 4)}
+                                   for e, p in list(zip(test.examples, predictions))[:4]]}
 
 
 def _table(config: QuickstartConfig, scores: dict, timings: dict) -> str:

@@ -262,3 +262,13 @@ def test_parity_failure_names_the_numbers_and_leaves_no_bundle(llama, tmp_path):
         write_bundle(bundle_source(trained, llama), tmp_path / "never", ExportOptions(tolerance=1e-12, max_length=24))
     assert len(err.value.report["cases"]) == 4
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_engine_scores_equal_pytorch_scores(exported):
+    from mpt_edge.evaluate import evaluate_engine, evaluate_trained
+
+    backbone, trained, bundle, _ = exported
+    test = synthetic_task("topic", 30, seed=7)
+    scores, predictions = evaluate_engine(mer.load(bundle, device="cpu"), test)
+    expected = evaluate_trained(backbone, trained, [test], max_length=CFG.max_length)["topic"]
+    assert len(predictions) == 30 and scores == pytest.approx(expected)
