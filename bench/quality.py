@@ -1,13 +1,18 @@
 """Quality suite: does MPT transfer on real offline tasks? Every method, target, k and seed, resumable.
 
-    python bench/quality.py bench/suites/small.toml [--work bench/results/work/quality]
+    python bench/quality.py --budget small          # SmolLM2 + MiniLM suites sized for 2 CPU cores
+    python bench/quality.py bench/suites/smoke.toml  # any suite file(s)
 
 Stages 1-2 (teachers, distilled source) run once per suite and are cached. Then every (target, k, seed,
-method) run trains with the same step budget and is scored on a fixed test subset; each finished run is a
-line in `<work>/<suite>/runs.jsonl` and is never recomputed. Writes `bench/results/quality-<suite>.json` and a
-markdown table (mean ± std over seeds) to stdout. Methods: baseline (zero-shot for causal backbones, head-only
-for encoders), pt, spot (PT from the source prompt that scores best on the target's dev split untrained),
-mpt-full, mpt-factors.
+method) run trains with the same step budget, keeps the tensors that score best on a fixed dev subset
+(evaluated before training and every `eval_every` steps), and is scored on a fixed test subset. Each
+finished run is a line in `<work>/<suite>/runs.jsonl` and is never recomputed. Writes
+`bench/results/quality-<suite>.json`, a markdown table (mean ± std over seeds, and paired differences against
+vanilla PT) and `bench/results/quality-<suite>.png` (accuracy vs k per method).
+
+Methods: baseline (zero-shot for causal backbones, head-only for encoders), pt, spot (PT from the source
+prompt that scores best on the target's dev split untrained), mpt-full, mpt-factors, finetune (every
+backbone weight trains; a reference, slow).
 """
 
 from __future__ import annotations
@@ -27,14 +32,19 @@ from mpt_edge.backbones import load_backbone
 from mpt_edge.batching import encode_tasks
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
-from mpt_edge.evaluate import evaluate, evaluate_trained, evaluate_zero_shot
+from mpt_edge.evaluate import dev_scorer, evaluate, evaluate_trained, evaluate_zero_shot
+from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.tasks import first_n
 from mpt_edge.train import TrainConfig, fit
 from mpt_edge.trained import fixed_prompts, load_trained
 
+from finetune import finetune_run
+
 HERE = Path(__file__).parent
-METHODS = ("baseline", "pt", "spot", "mpt-full", "mpt-factors")
+METHODS = ("baseline", "pt", "spot", "mpt-full", "mpt-factors", "finetune")
+BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "full": ("full.toml", "full-minilm.toml")}
+DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9}
 
 
 def source_stage(suite: dict, backbone, work: Path) -> tuple:
@@ -47,22 +57,33 @@ def source_stage(suite: dict, backbone, work: Path) -> tuple:
         encoded, teacher_cfg, work / "teachers", resume=True)
     teachers = load_trained(work / "teachers")
     source_cfg = TrainConfig(steps=suite["source_steps"], max_length=suite["max_length"], checkpoint_every=20)
-    fit(stages.source(backbone, encoded, teachers, source_cfg), encoded, source_cfg, work / "source", resume=True)
+    distill = DistillConfig(weight=suite["source_distill"])
+    fit(stages.source(backbone, encoded, teachers, source_cfg, distill=distill), encoded, source_cfg,
+        work / "source", resume=True)
     return teachers, load_trained(work / "source")
 
 
-def best_source_prompt(backbone, teachers, target: str, max_length: int) -> str:
+def best_source_prompt(backbone, teachers, target: str, max_length: int, work: Path) -> str:
     """SPoT's pick: the source task whose teacher prompt scores best on the target's dev split, untrained
-    (causal backbones score any prompt with the target's verbalizers; encoders have no head yet: first source)."""
+    (causal backbones score any prompt with the target's verbalizers; encoders have no head yet: first source).
+    Cached per target in `<work>/spot.json`."""
     if backbone.family != "causal":
         return teachers.task_names[0]
+    cache = work / "spot.json"
+    picks = json.loads(cache.read_text()) if cache.is_file() else {}
+    if target not in picks:
+        picks[target] = _score_sources(backbone, teachers, target, max_length)
+        write_text_atomic(cache, json.dumps(picks, indent=2) + "\n")
+    return max(picks[target], key=picks[target].get)
+
+
+def _score_sources(backbone, teachers, target: str, max_length: int) -> dict[str, float]:
     dev = load_split([target], default_data_dir(), "dev", limit=100, seed=0)
     classifier = stages.classifier_for(backbone, [dev[0].spec], None)
     encoded = encode_tasks(dev, backbone.tokenizer, max_length)
     prompts = fixed_prompts(teachers)
-    scores = {name: evaluate(classifier, lambda ids, k=k: prompts[k].expand(len(ids), -1, -1), encoded)[target]["accuracy"]
-              for k, name in enumerate(teachers.task_names)}
-    return max(scores, key=scores.get)
+    return {name: evaluate(classifier, lambda ids, k=k: prompts[k].expand(len(ids), -1, -1), encoded)[target]["accuracy"]
+            for k, name in enumerate(teachers.task_names)}
 
 
 def one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, method: str, work: Path) -> dict:
@@ -73,58 +94,119 @@ def one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, 
     else:
         train = load_split([target], data, "train", k_per_class=int(k), seed=seed)
     test = load_split([target], data, "test", limit=suite["test_limit"], seed=0)
-    config = TrainConfig(steps=suite["steps"], max_length=suite["max_length"], seed=seed, checkpoint_every=10**6)
+    dev = load_split([target], data, "dev", limit=suite["dev_limit"], seed=0)
+    config = TrainConfig(steps=suite["steps"], max_length=suite["max_length"], seed=seed, checkpoint_every=10**6,
+                         eval_every=suite["eval_every"])
     encoded = encode_tasks(train, backbone.tokenizer, config.max_length)
     out = work / "runs" / f"{target}-k{k}-s{seed}-{method}"
     extra = {}
     if method == "baseline" and backbone.family == "causal":
         return {"scores": evaluate_zero_shot(backbone, test, max_length=config.max_length)[target], "extra": extra}
+    if method == "finetune":
+        return finetune_run(backbone, train, dev, test, steps=config.steps, batch_size=config.batch_size,
+                            max_length=config.max_length, eval_every=config.eval_every or config.steps, seed=seed)
     if method == "baseline":
         plan = stages.head_only(backbone, encoded, config)
     elif method == "pt":
         plan = stages.prompt_tuning("pt", backbone, encoded, config, PromptConfig(length=suite["prompt_length"]))
     elif method == "spot":
-        pick = best_source_prompt(backbone, teachers, target, config.max_length)
+        pick = best_source_prompt(backbone, teachers, target, config.max_length, work)
         initial = fixed_prompts(teachers)[teachers.index_of(pick)]
         plan = stages.prompt_tuning("spot", backbone, encoded, config, PromptConfig(length=initial.shape[0]),
                                     initial=initial[None])
         extra["spot_source"] = pick
     else:
         plan = stages.target(backbone, encoded, source, config, mode=method.removeprefix("mpt-"))
-    fit(plan, encoded, config, out, resume=True, progress=False)
+    validate = dev_scorer(backbone, plan, dev, max_length=config.max_length) if config.eval_every else None
+    index = fit(plan, encoded, config, out, resume=True, progress=False, validate=validate)
+    if "best" in index:
+        extra["best"] = {"step": index["best"]["step"], "score": index["best"]["score"]}
+        extra["evals"] = index["best"]["evals"]
     return {"scores": evaluate_trained(backbone, load_trained(out), test, max_length=config.max_length)[target],
             "extra": extra}
 
 
+def accuracies(runs: list[dict], target: str, k, method: str) -> dict[int, float]:
+    """{seed: test accuracy in %} of the finished runs of one cell."""
+    return {r["seed"]: 100 * r["scores"]["accuracy"] for r in runs
+            if (r["target"], str(r["k"]), r["method"]) == (target, str(k), method)}
+
+
+def mean_std(values) -> str:
+    values = list(values)
+    return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if values else "–"
+
+
 def table(suite: dict, runs: list[dict]) -> str:
-    """Markdown: one row per (target, k), one column per method, accuracy mean ± std over seeds."""
-    lines = [f"| target | k | {' | '.join(suite['methods'])} |", "|" + " --- |" * (2 + len(suite["methods"]))]
-    for target in suite["targets"]:
-        for k in suite["k"]:
+    """Markdown: one row per (target, k), one column per method, accuracy mean ± std over seeds; then the
+    paired difference (same seed, same examples) of every prompt-transfer method against vanilla PT."""
+    methods = suite["methods"]
+    lines = [f"| target | k | {' | '.join(methods)} |", "|" + " --- |" * (2 + len(methods))]
+    rows = [(t, k) for t in suite["targets"] for k in suite["k"]]
+    for target, k in rows:
+        cells = [mean_std(accuracies(runs, target, k, m).values()) for m in methods]
+        lines.append(f"| {target} | {k} | {' | '.join(cells)} |")
+    rivals = [m for m in methods if m not in ("baseline", "pt")]
+    if "pt" in methods and rivals:
+        lines += ["", f"Paired difference against vanilla PT (points, mean ± std over seeds; n = {len(suite['seeds'])}):", "",
+                  f"| target | k | {' | '.join(m + ' − pt' for m in rivals)} |", "|" + " --- |" * (2 + len(rivals))]
+        for target, k in rows:
+            pt = accuracies(runs, target, k, "pt")
             cells = []
-            for method in suite["methods"]:
-                accs = [100 * r["scores"]["accuracy"] for r in runs
-                        if (r["target"], str(r["k"]), r["method"]) == (target, str(k), method)]
-                cells.append(f"{statistics.mean(accs):.1f} ± {statistics.pstdev(accs):.1f} (n={len(accs)})" if accs else "–")
+            for method in rivals:
+                other = accuracies(runs, target, k, method)
+                cells.append(mean_std(other[s] - pt[s] for s in other if s in pt))
             lines.append(f"| {target} | {k} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", type=Path)
-    parser.add_argument("--work", type=Path, default=HERE / "results" / "work" / "quality")
-    args = parser.parse_args()
-    suite = tomllib.loads(args.suite.read_text())
+def plot(suite: dict, runs: list[dict], path: Path) -> None:
+    """Accuracy vs k (categorical axis) per method, one panel per target, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = suite["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for offset, method in enumerate(suite["methods"]):
+            xs, means, stds = [], [], []
+            for i, k in enumerate(suite["k"]):
+                accs = list(accuracies(runs, target, k, method).values())
+                if accs:
+                    xs.append(i + 0.06 * (offset - len(suite["methods"]) / 2))
+                    means.append(statistics.mean(accs))
+                    stds.append(statistics.pstdev(accs))
+            if xs:
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xticks(range(len(suite["k"])), [str(k) for k in suite["k"]])
+        ax.set_xlabel("training examples per class (k)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{target} ({suite['backbone']})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_suite(path: Path) -> dict:
+    suite = {**DEFAULTS, **tomllib.loads(path.read_text())}
     unknown = [m for m in suite["methods"] if m not in METHODS]
     if unknown:
-        raise SystemExit(f"error: {args.suite}: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
-    work = args.work / suite["name"]
+        raise SystemExit(f"error: {path}: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+    return suite
+
+
+def run_suite(suite: dict, work_root: Path) -> None:
+    work = work_root / suite["name"]
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     backbone = load_backbone(suite["backbone"])
     started = time.perf_counter()
     teachers, source = source_stage(suite, backbone, work)
+    print(f"[{suite['name']}] source stage ready after {time.perf_counter() - started:.0f} s", flush=True)
     log = work / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(r["target"], str(r["k"]), r["seed"], r["method"]) for r in runs}
@@ -141,11 +223,27 @@ def main() -> None:
                     with log.open("a") as handle:
                         handle.write(json.dumps(row) + "\n")
                     runs.append(row)
-                    print(f"{target} k={k} seed={seed} {method}: {100 * result['scores']['accuracy']:.1f}", flush=True)
+                    print(f"[{suite['name']}] {target} k={k} seed={seed} {method}: "
+                          f"{100 * result['scores']['accuracy']:.1f} ({row['seconds']:.0f} s)", flush=True)
     markdown = table(suite, runs)
-    report = {"suite": suite, "runs": runs, "table": markdown, "seconds_this_call": round(time.perf_counter() - started)}
+    report = {"suite": suite, "runs": runs, "table": markdown, "seconds_this_call": round(time.perf_counter() - started),
+              "seconds_all_runs": round(sum(r["seconds"] for r in runs))}
     write_text_atomic(HERE / "results" / f"quality-{suite['name']}.json", json.dumps(report, indent=2) + "\n")
+    plot(suite, runs, HERE / "results" / f"quality-{suite['name']}.png")
     print(markdown)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", type=Path, nargs="*", help="suite TOML files (default: those of --budget)")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), help="small: about an hour on 2 CPU cores; full: hours or a GPU")
+    parser.add_argument("--work", type=Path, default=HERE / "results" / "work" / "quality")
+    args = parser.parse_args()
+    if bool(args.suites) == bool(args.budget):
+        parser.error("give suite files or --budget small|full (one of the two)")
+    paths = args.suites or [HERE / "suites" / name for name in BUDGETS[args.budget]]
+    for suite in [read_suite(p) for p in paths]:
+        run_suite(suite, args.work)
 
 
 if __name__ == "__main__":

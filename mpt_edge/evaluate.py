@@ -54,6 +54,30 @@ def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch
     return results
 
 
+def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 32) -> Callable[[], float]:
+    """A `validate` for `fit`: mean dev accuracy over the plan's tasks with its current prompt and heads.
+
+    `dev_tasks` (TaskData) are matched to the plan's tasks by name; every plan task needs one.
+    """
+    names = [t["name"] for t in plan.meta["tasks"]]
+    by_name = {t.spec.name: t for t in dev_tasks}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"no dev split given for task(s) {missing}; early stopping scores every trained task")
+    ordered = [by_name[n] for n in names]
+    encoded = encode_tasks(ordered, backbone.tokenizer, max_length)
+    classifier = classifier_for(backbone, [t.spec for t in ordered], plan.heads, plan.meta.get("pooling") or "mean")
+    prompt = plan.prompt
+
+    def validate() -> float:
+        prompts_for = (lambda ids: prompt.compose(ids)) if prompt is not None else (lambda ids: None)
+        with torch.no_grad():
+            scores = evaluate(classifier, prompts_for, encoded, batch_size)
+        return float(np.mean([s["accuracy"] for s in scores.values()]))
+
+    return validate
+
+
 def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Evaluate a `Trained` checkpoint on `tasks` (TaskData, names among the checkpoint's tasks)."""
     order = torch.tensor([trained.index_of(t.spec.name) for t in tasks])

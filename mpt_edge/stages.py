@@ -51,7 +51,7 @@ def prompt_tuning(stage: str, backbone, encoded: Sequence[EncodedTask], config: 
                                for _ in range(tasks)])
     u, v = identity_factors(tasks, initial.shape[1], 1, dim, generator)
     prompt = MultitaskPrompt(initial, u, v, range(tasks)).set_trainable(shared=True, factors=False)
-    heads = _new_heads(backbone, specs, generator)
+    heads = new_heads(backbone, specs, generator)
     classifier = classifier_for(backbone, specs, heads, pooling)
     return Plan(stage, prompt, heads, RoundRobinSampler(_sizes(encoded), config.batch_size, config.seed),
                 supervised_loss(classifier, prompt), config.steps * tasks,
@@ -65,7 +65,7 @@ def head_only(backbone, encoded: Sequence[EncodedTask], config: TrainConfig, poo
                         "`mpt-edge eval --zero-shot`")
     generator = torch.Generator().manual_seed(config.seed)
     specs = [e.spec for e in encoded]
-    heads = _new_heads(backbone, specs, generator)
+    heads = new_heads(backbone, specs, generator)
     classifier = classifier_for(backbone, specs, heads, pooling)
     return Plan("head", None, heads, RoundRobinSampler(_sizes(encoded), config.batch_size, config.seed),
                 supervised_loss(classifier, None), config.steps * len(specs),
@@ -127,7 +127,7 @@ def target(backbone, encoded: Sequence[EncodedTask], source_run: Trained, config
         prompt = MultitaskPrompt(shared0.expand(tasks, *shared0.shape), u, v, range(tasks))
     else:
         prompt = MultitaskPrompt(shared0[None], u, v, [0] * tasks).set_trainable(shared=mode == "group", factors=True)
-    heads = _new_heads(backbone, specs, generator)
+    heads = new_heads(backbone, specs, generator)
     classifier = classifier_for(backbone, specs, heads, pooling)
     if mode == "group":
         sampler = MixtureSampler(_sizes(encoded), config.batch_size, config.seed, config.mixing_cap, config.max_tasks)
@@ -170,7 +170,8 @@ def _sizes(encoded: Sequence[EncodedTask]) -> tuple[int, ...]:
     return tuple(len(e) for e in encoded)
 
 
-def _new_heads(backbone, specs, generator) -> TaskHeads | None:
+def new_heads(backbone, specs, generator) -> TaskHeads | None:
+    """Fresh random heads, one per task (C_k × d), for encoder backbones; None for causal ones."""
     if backbone.family != "encoder":
         return None
     return TaskHeads.random([len(s.labels) for s in specs], _hidden(backbone), generator)

@@ -35,6 +35,7 @@ class TrainConfig:
     seed: int = 0
     max_tasks: int = 4           # κ: stochastic task sampling draws K ∈ [2, κ] tasks per batch
     mixing_cap: int = 3000       # examples-proportional mixing cap
+    eval_every: int = 0          # steps between dev evaluations (0 = none); the best-scoring tensors are kept
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_length", "checkpoint_every", "max_tasks", "mixing_cap"):
@@ -44,9 +45,13 @@ class TrainConfig:
         for name in ("lr_prompt", "lr_factors", "lr_head"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"train option eval_every must be an integer >= 0 (0 = no dev evaluation), got {self.eval_every!r}")
 
 
 LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+Validate = Callable[[], float]   # dev score of the plan's current tensors, higher is better
+BEST = "best."                   # prefix of the best tensors so far inside an unfinished checkpoint
 
 
 @dataclass
@@ -95,17 +100,21 @@ class Plan:
 
 
 def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Path, *,
-        resume: bool = False, progress: bool = True) -> dict:
+        resume: bool = False, progress: bool = True, validate: Validate | None = None) -> dict:
     """Run `plan` and checkpoint into `out`; returns the final checkpoint metadata.
 
     An existing checkpoint in `out` is continued with `resume=True` and refused otherwise, so nothing
-    saved is overwritten by accident.
+    saved is overwritten by accident. With `validate` and `config.eval_every`, the dev score is taken
+    before training, every `eval_every` steps and at the end; the final checkpoint holds the best-scoring
+    tensors (early stopping by selection: every run spends the same step budget).
     """
     out = Path(out)
     optimizer = torch.optim.Adafactor(plan.param_groups(config))
     meta = {**plan.meta, "stage": plan.stage, "train": asdict(config), "total_steps": plan.total_steps}
     history: list[dict] = []
     start = 0
+    selecting = validate is not None and config.eval_every > 0
+    best: dict = {}
     if has_checkpoint(out):
         if not resume:
             raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -114,6 +123,10 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
         plan.load_tensors(tensors)
         restore_optimizer(optimizer, tensors, index["optimizer"])
         start, history = index["step"], index["history"]
+        if selecting and "best" in index:
+            best = {**index["best"], "tensors": {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}}
+    if selecting and not best:
+        best = _scored(plan, validate, start, {"step": start, "score": float("-inf"), "evals": []})
     bar = _progress(plan.stage, start, plan.total_steps, progress)
     tick, window = time.perf_counter(), []
     for step in range(start, plan.total_steps):
@@ -124,22 +137,42 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
         optimizer.step()
         window.append({"loss": loss.item(), **parts})
         done = step + 1
+        if selecting and (done % config.eval_every == 0 or done == plan.total_steps):
+            best = _scored(plan, validate, done, best)
+            if done == plan.total_steps:
+                plan.load_tensors(best["tensors"])
         if done % config.checkpoint_every == 0 or done == plan.total_steps:
             now = time.perf_counter()
             means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             history.append({"step": done, **means, "steps_per_s": len(window) / max(now - tick, 1e-9)})
             tick, window = now, []
             opt_tensors, opt_info = optimizer_state(optimizer)
-            save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info},
-                            {**plan.tensors(), **opt_tensors}, done)
+            extra_meta, extra_tensors = {}, {}
+            if selecting:
+                extra_meta = {"best": {k: v for k, v in best.items() if k != "tensors"}}
+                extra_tensors = {BEST + k: v for k, v in best["tensors"].items()}
+            save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info, **extra_meta},
+                            {**plan.tensors(), **opt_tensors, **extra_tensors}, done)
         bar(done, loss.item(), parts)
     bar.close()
     index, _ = load_checkpoint(out)
     return index
 
 
+def _scored(plan: Plan, validate: Validate, step: int, best: dict) -> dict:
+    """Score the plan's current tensors; the new best record (step, score, evals, tensors) or the old one."""
+    score = float(validate())
+    evals = [*best["evals"], {"step": step, "score": score}]
+    if score > best["score"]:
+        return {"step": step, "score": score, "evals": evals,
+                "tensors": {k: v.detach().clone() for k, v in plan.tensors().items()}}
+    return {**best, "evals": evals}
+
+
 def _check_resumable(index: dict, meta: dict, out: Path) -> None:
     meta = json.loads(json.dumps(meta))  # compare as saved (tuples become lists)
+    # options added in later versions read as their defaults in checkpoints written before them
+    index = {**index, "train": {**asdict(TrainConfig()), **index.get("train", {})}}
     for key in ("stage", "tasks", "backbone", "prompt", "train", "total_steps"):
         if index.get(key) != meta.get(key):
             raise CheckpointError(

@@ -9,6 +9,7 @@ from conftest import synthetic_task
 from mpt_edge import stages
 from mpt_edge.backbones import fingerprint
 from mpt_edge.batching import collate, encode_tasks
+from mpt_edge.evaluate import dev_scorer, evaluate_trained
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
 from mpt_edge.losses import DistillConfig, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
@@ -177,10 +178,86 @@ def test_resume_with_other_options_is_refused(backbone, tmp_path):
             progress=False)
 
 
+def scripted_validate(plan, scores):
+    """A validate that returns the next scripted score and records the tensors it saw."""
+    seen = []
+
+    def validate():
+        seen.append({k: v.detach().clone() for k, v in plan.tensors().items()})
+        return scores[len(seen) - 1]
+
+    return validate, seen
+
+
+def test_early_stopping_keeps_the_best_scoring_tensors(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=12, eval_every=4)
+    plan = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    validate, seen = scripted_validate(plan, [0.5, 0.6, 0.9, 0.7])   # steps 0, 4, 8, 12: step 8 wins
+    index = fit(plan, src, cfg, tmp_path / "r", progress=False, validate=validate)
+    assert [e["step"] for e in index["best"]["evals"]] == [0, 4, 8, 12]
+    assert (index["best"]["step"], index["best"]["score"]) == (8, 0.9)
+    saved = load_trained(tmp_path / "r").prompt.tensors()
+    torch.testing.assert_close(saved["prompt.shared"], seen[2]["prompt.shared"], rtol=0, atol=0)
+    assert not torch.equal(saved["prompt.shared"], seen[3]["prompt.shared"])
+
+
+def test_early_stopping_keeps_the_initial_prompt_when_training_never_helps(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=8, eval_every=4)
+    plan = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    validate, seen = scripted_validate(plan, [0.8, 0.8, 0.1])   # ties keep the earlier tensors
+    fit(plan, src, cfg, tmp_path / "r", progress=False, validate=validate)
+    torch.testing.assert_close(load_trained(tmp_path / "r").prompt.tensors()["prompt.shared"],
+                               seen[0]["prompt.shared"], rtol=0, atol=0)
+
+
+def test_early_stopping_survives_a_resume(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=12, eval_every=4, checkpoint_every=4)
+    scores = [0.1, 0.9, 0.2, 0.3]                                 # the best (step 4) lies before the crash
+
+    whole = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    fit(whole, src, cfg, tmp_path / "whole", progress=False, validate=scripted_validate(whole, scores)[0])
+    doomed = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    inner, calls = doomed.loss_fn, {"n": 0}
+
+    def dies_at_step_10(batch):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return inner(batch)
+
+    doomed.loss_fn = dies_at_step_10
+    with pytest.raises(KeyboardInterrupt):
+        fit(doomed, src, cfg, tmp_path / "split", progress=False, validate=scripted_validate(doomed, scores)[0])
+    again = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    fit(again, src, cfg, tmp_path / "split", resume=True, progress=False,
+        validate=scripted_validate(again, scores[3:])[0])        # only the step-12 evaluation is left to do
+    torch.testing.assert_close(load_trained(tmp_path / "split").prompt.tensors()["prompt.shared"],
+                               load_trained(tmp_path / "whole").prompt.tensors()["prompt.shared"], rtol=0, atol=0)
+    assert load_checkpoint(tmp_path / "split")[0]["best"]["step"] == 4
+
+
+def test_dev_scorer_scores_the_live_prompt(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=4)
+    plan = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    dev = [synthetic_task("polarity", 40, seed=5)]
+    validate = dev_scorer(backbone, plan, dev, max_length=32)   # built before training, read after
+    fit(plan, src, cfg, tmp_path / "r", progress=False)
+    saved = evaluate_trained(backbone, load_trained(tmp_path / "r"), dev, max_length=32)
+    assert validate() == pytest.approx(saved["polarity"]["accuracy"])
+    with pytest.raises(ValueError, match="polarity"):
+        dev_scorer(backbone, plan, [synthetic_task("topic", 8)], max_length=32)
+
+
 def test_train_config_checks_fields():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr_prompt"):
         TrainConfig(lr_prompt=0)
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=-1)
     with pytest.raises(ValueError, match="mode"):
         stages.target(None, [], None, config(), mode="everything")
