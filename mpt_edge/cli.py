@@ -100,13 +100,16 @@ def _encode(tasks, backbone, config):
     return encode_tasks(tasks, backbone.tokenizer, config.max_length)
 
 
-def _fit_and_report(plan, encoded, config, out, resume, quiet) -> None:
+def _fit_and_report(plan, encoded, config, out, resume, quiet, validate=None) -> None:
     from mpt_edge.train import fit
 
-    index = fit(plan, encoded, config, out, resume=resume, progress=not quiet)
+    index = fit(plan, encoded, config, out, resume=resume, progress=not quiet, validate=validate)
     last = index["history"][-1] if index["history"] else {}
     typer.echo(f"{index['stage']}: {index['step']} steps, final loss {last.get('loss', float('nan')):.4f}, "
                f"{last.get('steps_per_s', 0):.2f} steps/s → {out}")
+    if "best" in index:
+        evals = ", ".join(f"{e['step']}: {100 * e['score']:.1f}" for e in index["best"]["evals"])
+        typer.echo(f"dev accuracy by step ({evals}); kept step {index['best']['step']}")
 
 
 @data_app.command("fetch")
@@ -216,15 +219,19 @@ def train_target(
     lr_factors: LrFactors = 0.4, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="pt: prompt init vocab, random, text.")] = "vocab",
     init_text: Annotated[str, typer.Option(help="Text for --init text.")] = "",
+    eval_every: Annotated[int, typer.Option(help="Early stopping: score the dev split every N steps (and before "
+                                                 "training) and keep the best prompt; 0 = off.")] = 0,
+    dev_limit: Annotated[Optional[int], typer.Option(help="Cap on dev examples per task for --eval-every.")] = 200,
     checkpoint_every: CheckpointEvery = 50, pooling: Pooling = "mean", resume: Resume = False, quiet: Quiet = False,
 ):
     """Stage 3: adapt to target tasks (MPT), or train a baseline (pt, spot, head) on them.
 
-    Example: mpt-edge train target --tasks rotten_tomatoes --source runs/source --mode full --out runs/mpt
+    Example: mpt-edge train target --tasks rotten_tomatoes --source runs/source --mode full --out runs/mpt --eval-every 25
     """
     from mpt_edge import stages
     from mpt_edge.backbones import load_backbone
     from mpt_edge.datasets import load_split
+    from mpt_edge.evaluate import dev_scorer
     from mpt_edge.prompt import PromptConfig
     from mpt_edge.tasks import TaskError
     from mpt_edge.trained import fixed_prompts, load_trained
@@ -235,8 +242,10 @@ def train_target(
     if method in ("mpt", "spot") and source is None:
         raise TaskError(f"--method {method} needs --source CHECKPOINT")
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
-                        lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every)
+                        lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every,
+                        eval_every=eval_every)
     train = load_split(_names(tasks), _data_dir(data), "train", k_per_class=k_per_class, seed=seed)
+    dev = load_split(_names(tasks), _data_dir(data), "dev", limit=dev_limit, seed=0) if eval_every else []
     bb = load_backbone(backbone)
     encoded = _encode(train, bb, cfg)
     if method == "head":
@@ -256,7 +265,8 @@ def train_target(
             plan = stages.prompt_tuning("spot", bb, encoded, cfg, PromptConfig(length=initial.shape[0]),
                                         initial=initial.expand(len(train), *initial.shape), pooling=pooling)
             plan.meta["spot_task"] = spot_task
-    _fit_and_report(plan, encoded, cfg, out, resume, quiet)
+    validate = dev_scorer(bb, plan, dev, max_length=cfg.max_length) if eval_every else None
+    _fit_and_report(plan, encoded, cfg, out, resume, quiet, validate)
 
 
 @app.command("eval")

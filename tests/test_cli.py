@@ -79,6 +79,15 @@ def test_full_pipeline_from_the_command_line(workspace):
     assert result.exit_code == 1 and "--overwrite" in result.output
 
 
+def test_early_stopping_on_dev_from_the_command_line(workspace, tmp_path):
+    result = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt", "--eval-every", "2",
+                    *common(workspace), *FAST)
+    assert result.exit_code == 0, result.output
+    assert "dev accuracy by step (0: " in result.output and ", 2: " in result.output and ", 3: " in result.output
+    kept = json.loads((tmp_path / "pt" / "checkpoint.json").read_text())["best"]
+    assert kept["step"] in (0, 2, 3) and f"kept step {kept['step']}" in result.output
+
+
 def test_config_file_supplies_options(workspace, tmp_path):
     cfg = tmp_path / "pt.toml"
     cfg.write_text('tasks = ["polarity"]\nsteps = 2\nprompt-length = 3\nmax_length = 32\nquiet = true\n')
