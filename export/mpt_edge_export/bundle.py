@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import save as save_tensors
 
 from mpt_edge_export import transform
+from mpt_edge_export.decoder import decoder_parity_report, export_decoder
 from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
 from mpt_edge_export.parity import check_parity, parity_report
 from mpt_edge_runtime import format as fmt
@@ -47,6 +48,7 @@ class ExportOptions:
     tolerance: float = 1e-3       # fp32 parity: max |onnx − torch| / max(|torch|, 1)
     max_length: int = 128         # longest parity case (tokens)
     overwrite: bool = False
+    kv_cache: bool | None = None  # causal: also write the generation graph (decoder.onnx); None = when a task generates
 
     def __post_init__(self):
         if self.quantize is not None and self.quantize not in transform.INT8_RECIPES:
@@ -115,6 +117,9 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
         log("converting to fp16")
         _replace(graph, lambda dst: transform.to_fp16(graph, dst))
         parity["fp16"] = parity_report(*args, dtype=np.float16)  # reported: fp16 rounding is expected
+    decoder = _build_decoder(source, folder, options, length, log) if wants_decoder(source, options) else None
+    if decoder is not None:
+        parity["decoder"] = decoder.pop("parity")
     source.tokenizer.save(str(folder / fmt.TOKENIZER))
     tensors = {fmt.shared_key(g): np.ascontiguousarray(p, dtype=np.float32) for g, p in enumerate(source.groups)}
     for task in source.tasks:
@@ -131,6 +136,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
         "backbone": source.backbone,
         "graph": {"file": fmt.GRAPH, "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()},
                   "outputs": list(fmt.GRAPH_OUTPUTS), "opset": options.opset, "dtype": options.dtype, **transforms},
+        **({"decoder": decoder} if decoder is not None else {}),
         "prompt": {"length": length, "hidden_size": dim, "groups": len(source.groups)},
         "tasks": [t.spec["name"] for t in source.tasks],
         "files": files,
@@ -142,6 +148,41 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
     }
     (folder / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
+    """Whether the bundle gets the generation graph: asked for, or (by default) when a causal task generates."""
+    if options.kv_cache and source.family != "causal":
+        raise ExportError(f"--kv-cache needs a causal backbone; this one is {source.family}")
+    if options.kv_cache is not None:
+        return options.kv_cache
+    return source.family == "causal" and any(t.spec.get("kind") == "generate" for t in source.tasks)
+
+
+def _build_decoder(source: BundleSource, folder: Path, options: ExportOptions, length: int, log) -> dict:
+    """decoder.onnx with the same transforms as the features graph; its manifest entry, parity included."""
+    graph = folder / fmt.DECODER_GRAPH
+    log(f"exporting the generation graph with KV cache (opset {options.opset})")
+    export_decoder(source.model, graph, options.opset)
+    args = (source.model, graph, length, options.max_length)
+    parity = {"fp32": check_parity(decoder_parity_report(*args), options.tolerance)}
+    transforms = {}
+    if options.optimize:
+        _replace(graph, lambda dst: transform.optimize(graph, dst))
+        parity["optimized"] = check_parity(decoder_parity_report(*args), options.tolerance)
+        transforms["optimize"] = "ORT_ENABLE_EXTENDED"
+    if options.quantize:
+        transforms["quantize"] = _replace(graph, lambda dst: transform.quantize_int8(graph, dst, options.quantize))
+        parity["int8"] = decoder_parity_report(*args)
+    if options.dtype == "fp16":
+        _replace(graph, lambda dst: transform.to_fp16(graph, dst))
+        parity["fp16"] = decoder_parity_report(*args, dtype=np.float16)
+    config = source.model.config
+    eos = getattr(getattr(source.model, "generation_config", None), "eos_token_id", None) or config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return {"file": fmt.DECODER_GRAPH, "inputs": {k: list(v.values()) for k, v in fmt.DECODER_INPUTS.items()},
+            "outputs": list(fmt.DECODER_OUTPUTS), "opset": options.opset, "dtype": options.dtype,
+            "eos_token_ids": eos, **transforms, "parity": parity}
 
 
 def _check_tasks(source: BundleSource, length: int, dim: int) -> None:

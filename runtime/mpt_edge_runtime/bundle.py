@@ -19,9 +19,10 @@ from mpt_edge_runtime.errors import BundleError
 
 @dataclass(frozen=True)
 class TaskEntry:
-    """A servable task: its text template, labels, and the composed prompt and head.
+    """A servable task: its kind, text template, labels, and the composed prompt and head.
 
-    prompt (l, d) float32; head_weight (C, d) and head_bias (C,): logits = features @ head_weightᵀ + head_bias.
+    prompt (l, d) float32; head_weight (C, d) and head_bias (C,): logits = features @ head_weightᵀ + head_bias
+    (generate tasks have C = 0). prompt_kv: the prompt's KV cache when the bundle has a generation graph.
     """
 
     name: str
@@ -31,6 +32,8 @@ class TaskEntry:
     prompt: np.ndarray
     head_weight: np.ndarray
     head_bias: np.ndarray
+    kind: str = "classify"
+    prompt_kv: tuple = ()
 
 
 def compose(shared: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -101,10 +104,20 @@ def read_tasks(folder: Path, manifest: dict) -> tuple[list[TaskEntry], dict[str,
 def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where: str) -> TaskEntry:
     """Build one TaskEntry from its spec and tensors; shapes must fit the graph (length l, hidden size d)."""
     name = spec.get("name")
+    kind = spec.get("kind", "classify")
+    if kind not in ("classify", "generate"):
+        raise BundleError(f"{where}: task {name!r} has kind {kind!r}; this runtime serves classify and generate")
+    if kind == "generate" and manifest.get("decoder") is None:
+        raise BundleError(f"{where}: task {name!r} generates, but the bundle has no generation graph; "
+                          "re-export it with `mpt-edge export --kv-cache`")
     try:
         shared = tensors[fmt.shared_key(spec["group"])]
         u, v = tensors[fmt.task_key(name, "u")], tensors[fmt.task_key(name, "v")]
-        weight, bias = tensors[fmt.task_key(name, "head.weight")], tensors[fmt.task_key(name, "head.bias")]
+        if kind == "generate":
+            dim = manifest["prompt"]["hidden_size"]
+            weight, bias = np.zeros((0, dim), np.float32), np.zeros((0,), np.float32)
+        else:
+            weight, bias = tensors[fmt.task_key(name, "head.weight")], tensors[fmt.task_key(name, "head.bias")]
     except KeyError as err:
         raise BundleError(f"{where}: task {name!r} needs tensor {err.args[0]!r}, which is missing") from None
     length, dim = manifest["prompt"]["length"], manifest["prompt"]["hidden_size"]
@@ -113,8 +126,8 @@ def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where
             f"{where}: task {name!r} has prompt factors shared {shared.shape}, u {u.shape}, v {v.shape}, which do not "
             f"fit the graph's prompt ({length}, {dim}); export the task for this backbone and prompt length"
         )
-    labels = tuple(spec["labels"])
+    labels = tuple(spec.get("labels") or ()) if kind == "classify" else ()
     if weight.shape != (len(labels), dim) or bias.shape != (len(labels),):
         raise BundleError(f"{where}: task {name!r} head {weight.shape} does not fit {len(labels)} labels × hidden size {dim}")
     return TaskEntry(name, labels, spec["template"], int(spec["max_length"]), compose(shared, u, v),
-                     weight.astype(np.float32), bias.astype(np.float32))
+                     weight.astype(np.float32), bias.astype(np.float32), kind)

@@ -3,7 +3,12 @@
     engine = mpt_edge_runtime.load("bundle/", device="cpu")
     engine.classify("sentiment", ["great film", "dull"])        # → [Prediction, Prediction]
     engine.run([("sentiment", "great"), ("topic", "goal!")])    # one batch, results in request order
+    engine.generate("answer", ["Q: 2 + 2?"], max_new_tokens=8)  # bundles with a generation graph
+    for piece in engine.stream("answer", "Q: 3 + 4?"): ...      # text pieces as they are generated
     engine.add_task("new_task", "new_task.safetensors")         # hot-load factors; the graph is untouched
+
+With a generation graph (causal bundles exported with a KV cache), each task's prompt KV is computed once
+when the task is loaded; every request, classify or generate, starts from it, so the prompt never re-runs.
 
 Thread safety: the task table is replaced, never mutated, under a lock; onnxruntime sessions and
 tokenizers are safe to call concurrently, so concurrent calls give the same answers as serial ones.
@@ -13,8 +18,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,8 @@ from tokenizers import Tokenizer
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import TaskEntry, read_manifest, read_tasks, task_entry
 from mpt_edge_runtime.errors import BundleError, InputError, UnknownTaskError
+from mpt_edge_runtime.generation import DecoderSession, decode, prefill, prompt_cache
+from mpt_edge_runtime.sampling import SamplingConfig
 from mpt_edge_runtime.session import GraphSession
 from mpt_edge_runtime.text import encode_example, plain_tokenizer, special_tokens
 
@@ -42,13 +49,14 @@ class Prediction:
 class Engine:
     """Serves every task of a bundle from one onnxruntime session."""
 
-    def __init__(self, session: GraphSession, tokenizer: Tokenizer, manifest: dict, tasks: Iterable[TaskEntry],
-                 groups: dict[str, np.ndarray], batch_size: int = 32):
+    def __init__(self, session: GraphSession | None, tokenizer: Tokenizer, manifest: dict, tasks: Iterable[TaskEntry],
+                 groups: dict[str, np.ndarray], batch_size: int = 32, decoder: DecoderSession | None = None):
         self.session, self.tokenizer, self.manifest = session, plain_tokenizer(tokenizer), manifest
         self.groups = groups
         self.batch_size = batch_size
+        self.decoder = decoder
         self._specials = special_tokens(self.tokenizer)
-        self._tasks = {t.name: t for t in tasks}
+        self._tasks = {t.name: self._ready(t) for t in tasks}
         self._lock = threading.Lock()
 
     @property
@@ -57,7 +65,7 @@ class Engine:
 
     @property
     def device(self) -> str:
-        return self.session.device
+        return (self.decoder.graph if self.decoder is not None else self.session).device
 
     def task(self, name: str) -> TaskEntry:
         tasks = self._tasks
@@ -67,28 +75,69 @@ class Engine:
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Prediction]:
         """Label each text with `task`; returns one Prediction per text, in order."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise InputError(f"texts must be a list of strings, got {type(texts).__name__}; wrap one text in a list")
+        _check_texts(texts)
         self.task(task)
         return self.run([(task, text) for text in texts])
 
+    def generate(self, task: str, texts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] = ()) -> list[str]:
+        """Continue each text with `task`'s prompt: greedy (temperature 0) or sampled; one string per text."""
+        _check_texts(texts)
+        self.task(task)
+        return self.generate_batch([(task, text) for text in texts], max_new_tokens, temperature, top_k, top_p,
+                                   seed, stop)
+
+    def stream(self, task: str, text: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
+        """Yield the generated text of one request piece by piece, as tokens are produced."""
+        for _, piece in self.stream_batch([(task, text)], max_new_tokens, temperature, top_k, top_p, seed, stop):
+            yield piece
+
+    def generate_batch(self, requests: Sequence[tuple[str, str]], max_new_tokens: int = 32, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                       stop: str | Sequence[str] = ()) -> list[str]:
+        """One batch whose rows may belong to different generate tasks → one string per request, in order."""
+        texts = [""] * len(requests)
+        for i, piece in self.stream_batch(requests, max_new_tokens, temperature, top_k, top_p, seed, stop):
+            texts[i] += piece
+        return texts
+
+    def stream_batch(self, requests: Sequence[tuple[str, str]], max_new_tokens: int = 32, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                     stop: str | Sequence[str] = ()) -> Iterator[tuple[int, str]]:
+        """Generate for every request in one batch; yield (request index, text piece) as pieces are ready."""
+        config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        if self.decoder is None:
+            raise BundleError("this bundle has no generation graph; re-export it with `mpt-edge export --kv-cache` "
+                              "(causal backbones only)")
+        rows = self._encode(requests, kind="generate")
+        limit = self.manifest["backbone"].get("max_positions")
+        prefix = self.manifest["prompt"]["length"]
+        for i, (_, ids) in enumerate(rows):
+            if limit and prefix + len(ids) + config.max_new_tokens > limit:
+                raise InputError(f"request {i}: prompt {prefix} + input {len(ids)} + max_new_tokens "
+                                 f"{config.max_new_tokens} tokens exceed the backbone's {limit} positions; "
+                                 "lower max_new_tokens or the task's max_length")
+        eos = self.manifest.get("decoder", {}).get("eos_token_ids", [])
+        streams = [_TextStream(self.tokenizer, config.stop) for _ in rows]
+        steps = decode(self.decoder, [(entry.prompt_kv, ids) for entry, ids in rows], config, eos)
+        for tokens in steps:
+            for i, token in enumerate(tokens):
+                if not streams[i].done:
+                    piece = streams[i].push(int(token), int(token) in eos)
+                    if piece:
+                        yield i, piece
+            if all(s.done for s in streams):
+                break
+        for i, stream in enumerate(streams):
+            piece = stream.finish()
+            if piece:
+                yield i, piece
+
     def run(self, requests: Sequence[tuple[str, str]]) -> list[Prediction]:
-        """One batch whose rows may belong to different tasks: [(task, text), ...] → Predictions in order."""
-        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
-            raise InputError("requests must be a non-empty list of (task, text) pairs")
-        tasks = self._tasks  # one consistent snapshot for the whole call
-        rows = []
-        for i, request in enumerate(requests):
-            if not (isinstance(request, (tuple, list)) and len(request) == 2):
-                raise InputError(f"request {i} must be a (task, text) pair, got {request!r}")
-            name, text = request
-            if name not in tasks:
-                raise UnknownTaskError(name, tasks)
-            if not isinstance(text, str):
-                raise InputError(f"request {i}: text must be a string, got {type(text).__name__}")
-            entry = tasks[name]
-            rows.append((entry, encode_example(self.tokenizer, entry.template, {"text": text}, entry.max_length,
-                                               self._specials)))
+        """One batch whose rows may belong to different classify tasks: [(task, text), ...] → Predictions in order."""
+        rows = self._encode(requests, kind="classify")
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))  # similar lengths share a batch
         results: list[Prediction | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
@@ -97,7 +146,41 @@ class Engine:
                 results[i] = prediction
         return results
 
+    def _encode(self, requests: Sequence[tuple[str, str]], kind: str) -> list[tuple[TaskEntry, list[int]]]:
+        """Check every request and tokenize it with its task's template → [(task entry, ids), ...]."""
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+            raise InputError("requests must be a non-empty list of (task, text) pairs")
+        tasks = self._tasks  # one consistent snapshot for the whole call
+        rows = []
+        for i, request in enumerate(requests):
+            if not (isinstance(request, (tuple, list)) and len(request) == 2):
+                raise InputError(f"request {i} must be a (task, text) pair, got {request!r}")
+            name, text = request
+            if not isinstance(name, str) or name not in tasks:
+                raise UnknownTaskError(name, tasks)
+            if not isinstance(text, str):
+                raise InputError(f"request {i}: text must be a string, got {type(text).__name__}")
+            entry = tasks[name]
+            if entry.kind != kind:
+                verb = "engine.generate / stream" if entry.kind == "generate" else "engine.classify / run"
+                raise InputError(f"request {i}: task {name!r} is a {entry.kind} task; use {verb}")
+            ids = encode_example(self.tokenizer, entry.template, {"text": text}, entry.max_length, self._specials)
+            if not ids:
+                raise InputError(f"request {i}: the text is empty and task {name!r}'s template adds no tokens; "
+                                 "give some text")
+            rows.append((entry, ids))
+        return rows
+
+    def _ready(self, entry: TaskEntry) -> TaskEntry:
+        """With a generation graph: the task with its prompt KV computed (once, here)."""
+        if self.decoder is None:
+            return entry
+        return replace(entry, prompt_kv=prompt_cache(self.decoder, entry.prompt))
+
     def _forward(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[Prediction]:
+        if self.decoder is not None:  # from each task's cached prompt KV: the prompt does not run again
+            _, features, *_ = prefill(self.decoder, [(entry.prompt_kv, ids) for entry, ids in rows])
+            return [_predict(entry, row) for (entry, _), row in zip(rows, features)]
         width = max(len(ids) for _, ids in rows)
         input_ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -109,7 +192,7 @@ class Engine:
 
     def add_task(self, name: str, factors: str | Path) -> None:
         """Hot-load a task from a factors file (`mpt-edge export-task` / `write_task_file`); replaces a same-name task."""
-        entry = read_task_file(Path(factors), self.manifest, self.groups, name)
+        entry = self._ready(read_task_file(Path(factors), self.manifest, self.groups, name))
         with self._lock:
             self._tasks = {**self._tasks, entry.name: entry}
 
@@ -118,6 +201,49 @@ class Engine:
             if name not in self._tasks:
                 raise UnknownTaskError(name, self._tasks)
             self._tasks = {k: v for k, v in self._tasks.items() if k != name}
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}; wrap one text in a list")
+
+
+class _TextStream:
+    """One row's generated text, released in pieces that never split a character or pass a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0          # characters already yielded
+        self.done = False
+
+    def push(self, token: int, is_eos: bool) -> str:
+        if is_eos:
+            return self.finish()
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            self.done = True
+            return self._release(text[:cut])
+        # hold back what could still become a stop string, and an incomplete UTF-8 character
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        ready = len(text) - hold if hold else len(text)
+        while ready > self.sent and text[ready - 1] == "\ufffd":
+            ready -= 1
+        return self._release(text[:max(ready, self.sent)])
+
+    def finish(self) -> str:
+        if self.done:
+            return ""
+        self.done = True
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        return self._release(text[:cut] if cut >= 0 else text)
+
+    def _release(self, text: str) -> str:
+        piece, self.sent = text[self.sent:], max(self.sent, len(text))
+        return piece
 
 
 def _predict(entry: TaskEntry, features: np.ndarray) -> Prediction:
@@ -160,10 +286,16 @@ def load(bundle: str | Path, device: str = "auto", *, threads: int | None = None
     folder = Path(bundle)
     manifest = read_manifest(folder)
     tasks, groups = read_tasks(folder, manifest)
-    session = GraphSession.open(folder / fmt.GRAPH, device, threads)
-    _check_graph(session, manifest, folder)
+    decoder = None
+    if manifest.get("decoder"):  # the generation graph serves every task; the features graph is not opened
+        graph = GraphSession.open(folder / manifest["decoder"]["file"], device, threads)
+        decoder = DecoderSession.open(graph, manifest["prompt"]["hidden_size"])
+        session = None
+    else:
+        session = GraphSession.open(folder / fmt.GRAPH, device, threads)
+        _check_graph(session, manifest, folder)
     tokenizer = Tokenizer.from_file(str(folder / fmt.TOKENIZER))
-    return Engine(session, tokenizer, manifest, tasks, groups, batch_size)
+    return Engine(session, tokenizer, manifest, tasks, groups, batch_size, decoder)
 
 
 def _check_graph(session: GraphSession, manifest: dict, folder: Path) -> None:

@@ -34,3 +34,23 @@ def shared_key(group: int) -> str:
 def task_key(task: str, part: str) -> str:
     """part: "u", "v", "head.weight" or "head.bias"."""
     return f"tasks.{task}.{part}"
+
+# The causal generation graph (optional, `decoder.onnx`): one step with a KV cache; see mpt_edge_export.decoder.
+DECODER_GRAPH = "decoder.onnx"
+POSITION_IDS, LOGITS = "position_ids", "logits"
+DECODER_INPUTS = {
+    INPUT_IDS: {0: "batch", 1: "sequence"},
+    ATTENTION_MASK: {0: "batch", 1: "total"},
+    POSITION_IDS: {0: "batch", 1: "prompt_and_sequence"},
+    PROMPT_EMBEDS: {0: "batch", 1: "prompt_length"},
+}
+DECODER_OUTPUTS = {LOGITS: {0: "batch"}, FEATURES: {0: "batch"}}
+
+
+def past_name(layer: int, part: str) -> str:
+    """part: "key" or "value"."""
+    return f"past.{layer}.{part}"
+
+
+def present_name(layer: int, part: str) -> str:
+    return f"present.{layer}.{part}"

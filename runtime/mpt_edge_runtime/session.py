@@ -64,15 +64,23 @@ class GraphSession:
         float_type = np.float16 if kinds.get(fmt.PROMPT_EMBEDS) == "tensor(float16)" else np.float32
         return cls(session, device, float_type)
 
-    def features(self, input_ids: np.ndarray, attention_mask: np.ndarray, prompts: np.ndarray) -> np.ndarray:
-        """(B, n), (B, n), (B, l, d) → features (B, d) float32."""
-        feeds = {fmt.INPUT_IDS: input_ids.astype(np.int64), fmt.ATTENTION_MASK: attention_mask.astype(np.int64),
-                 fmt.PROMPT_EMBEDS: prompts.astype(self.float_type)}
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph: float inputs are cast to the graph's float type, float outputs come back as float32."""
+        feeds = {name: value.astype(self.float_type) if value.dtype.kind == "f" else value.astype(np.int64)
+                 for name, value in feeds.items()}
         if self.device == "cuda":
             binding = self.session.io_binding()
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
-            binding.bind_output(fmt.FEATURES, "cuda")
+            for name in outputs:
+                binding.bind_output(name, "cuda")
             self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0].astype(np.float32)
-        return self.session.run([fmt.FEATURES], feeds)[0].astype(np.float32)
+            results = binding.copy_outputs_to_cpu()
+        else:
+            results = self.session.run(outputs, feeds)
+        return [r.astype(np.float32) if r.dtype.kind == "f" else r for r in results]
+
+    def features(self, input_ids: np.ndarray, attention_mask: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+        """(B, n), (B, n), (B, l, d) → features (B, d) float32."""
+        return self.run([fmt.FEATURES], {fmt.INPUT_IDS: input_ids, fmt.ATTENTION_MASK: attention_mask,
+                                         fmt.PROMPT_EMBEDS: prompts})[0]

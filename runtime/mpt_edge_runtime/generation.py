@@ -1,0 +1,106 @@
+"""Batched generation on the KV-cache graph (`decoder.onnx`): every row starts from its task's prompt KV.
+
+    cache = prompt_cache(decoder, prompt)                      # once per task: (l, d) → 2·layers × (h_kv, l, d_h)
+    for tokens in decode(decoder, [(cache, ids), ...], config, eos_ids):   # one (B,) array per step
+        ...
+
+Rows are left-padded behind the prompt KV: [prompt KV | pad | tokens], with positions that skip the padding,
+so a row's tokens see exactly what they would see alone. Rows of different tasks mix freely: all prompts
+have the same length l, only their KV differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpt_edge_runtime import format as fmt
+from mpt_edge_runtime.sampling import SamplingConfig, next_tokens
+from mpt_edge_runtime.session import GraphSession
+
+Cache = tuple[np.ndarray, ...]   # past.0.key, past.0.value, past.1.key, ...; each (h_kv, S, d_h) for one row
+
+
+@dataclass(frozen=True)
+class DecoderSession:
+    """The generation graph of a causal bundle: one prefill or decode step with a KV cache."""
+
+    graph: GraphSession
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def open(cls, graph: GraphSession, hidden_size: int) -> "DecoderSession":
+        shapes = {i.name: i.shape for i in graph.session.get_inputs()}
+        layers = sum(1 for name in shapes if name.startswith("past.")) // 2
+        _, kv_heads, _, head_dim = shapes[fmt.past_name(0, "key")]
+        return cls(graph, layers, int(kv_heads), int(head_dim), hidden_size)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, prompts: np.ndarray,
+             past: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """One graph call → logits (B, V), features (B, d), present (2·layers × (B, h_kv, K, d_h))."""
+        names = [fmt.past_name(i, part) for i in range(self.layers) for part in ("key", "value")]
+        feeds = {fmt.INPUT_IDS: input_ids, fmt.ATTENTION_MASK: attention_mask, fmt.POSITION_IDS: position_ids,
+                 fmt.PROMPT_EMBEDS: prompts, **dict(zip(names, past))}
+        outputs = [fmt.LOGITS, fmt.FEATURES, *(n.replace("past.", "present.") for n in names)]
+        logits, features, *present = self.graph.run(outputs, feeds)
+        return logits, features, present
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
+
+
+def prompt_cache(decoder: DecoderSession, prompt: np.ndarray) -> Cache:
+    """A task's prompt (l, d) → its KV (one (h_kv, l, d_h) array per layer and part), computed once."""
+    length = prompt.shape[0]
+    _, _, present = decoder.step(np.zeros((1, 0), np.int64), np.ones((1, length), np.int64),
+                                 np.arange(length, dtype=np.int64)[None], prompt[None], decoder.empty_past(1))
+    return tuple(p[0] for p in present)
+
+
+def prefill_inputs(rows: Sequence[tuple[Cache, Sequence[int]]], hidden_size: int) -> dict[str, np.ndarray]:
+    """Left-padded ids, the mask over [prompt KV | pad | tokens], positions that skip padding, stacked past."""
+    prefix = rows[0][0][0].shape[1]
+    width = max(len(ids) for _, ids in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    real = np.zeros((len(rows), width), np.int64)
+    for b, (_, row_ids) in enumerate(rows):
+        ids[b, width - len(row_ids):], real[b, width - len(row_ids):] = row_ids, 1
+    mask = np.concatenate([np.ones((len(rows), prefix), np.int64), real], axis=1)
+    positions = np.maximum(prefix + real.cumsum(axis=1) - 1, prefix)
+    past = [np.stack([cache[k] for cache, _ in rows]) for k in range(len(rows[0][0]))]
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "prompts": np.zeros((len(rows), 0, hidden_size), np.float32), "past": past}
+
+
+def prefill(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int]]]):
+    """Run every row's tokens after its prompt KV → (logits (B, V), features (B, d), present, mask, last positions)."""
+    inputs = prefill_inputs(rows, decoder.hidden_size)
+    logits, features, present = decoder.step(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                             inputs["prompts"], inputs["past"])
+    return logits, features, present, inputs["attention_mask"], inputs["position_ids"][:, -1]
+
+
+def decode(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int]]], config: SamplingConfig,
+           eos_ids: Sequence[int] = (), rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+    """Yield the next token of every row, (B,) int64, step by step, until every row has produced an end-of-
+    sequence token or `config.max_new_tokens` steps have run. Rows that ended keep receiving their eos id
+    (ignored by the caller); a caller that has what it needs may stop iterating at any time."""
+    rng = rng if rng is not None else np.random.default_rng(config.seed)
+    logits, _, past, mask, positions = prefill(decoder, rows)
+    done = np.zeros(len(rows), dtype=bool)
+    eos = np.array(list(eos_ids) or [-1], dtype=np.int64)
+    prompts = np.zeros((len(rows), 0, decoder.hidden_size), np.float32)
+    for step in range(config.max_new_tokens):
+        tokens = np.where(done, eos[0], next_tokens(logits, config, rng))
+        yield tokens
+        done |= np.isin(tokens, eos)
+        if done.all() or step + 1 == config.max_new_tokens:
+            return
+        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        positions = positions + 1
+        logits, _, past = decoder.step(tokens[:, None], mask, positions[:, None], prompts, past)
