@@ -13,7 +13,7 @@ import torch
 from mpt_edge import stages
 from mpt_edge.batching import collate, encode_tasks
 from mpt_edge.evaluate import evaluate
-from mpt_edge.losses import task_loss
+from mpt_edge.losses import batch_task_loss
 from mpt_edge.sampling import RoundRobinSampler
 
 LR = 2e-5   # AdamW, the usual fine-tuning rate for small transformers
@@ -43,7 +43,7 @@ def finetune_run(backbone, train, dev, test, *, steps: int, batch_size: int, max
     for step in range(steps):
         batch = collate(encoded, sampler.batch(step))
         logits, _ = classifier(None, batch)
-        loss = task_loss(logits, batch.labels)
+        loss = batch_task_loss(logits, batch, None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -56,7 +56,7 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
 def _head(trained: Trained, backbone, k: int) -> tuple[np.ndarray, np.ndarray]:
     if trained.heads is not None:
         return trained.heads.weight[k].detach().numpy(), trained.heads.bias[k].detach().numpy()
-    ids = torch.tensor(verbalizer_ids(trained.specs[k], backbone.tokenizer))
+    ids = torch.tensor(verbalizer_ids(trained.specs[k], backbone.tokenizer), dtype=torch.long)
     head = backbone.model.get_output_embeddings()
     bias = head.bias[ids] if getattr(head, "bias", None) is not None else torch.zeros(len(ids))
     return head.weight[ids].detach().numpy().copy(), bias.detach().numpy().copy()

@@ -95,9 +95,9 @@ def _train_config(**options):
 
 
 def _encode(tasks, backbone, config):
-    from mpt_edge.batching import encode_tasks
+    from mpt_edge.batching import encode_tasks, eos_id
 
-    return encode_tasks(tasks, backbone.tokenizer, config.max_length)
+    return encode_tasks(tasks, backbone.tokenizer, config.max_length, eos_id(backbone.model))
 
 
 def _fit_and_report(plan, encoded, config, out, resume, quiet, validate=None) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from mpt_edge.batching import EncodedTask, encode_tasks, sequential_batches
+from mpt_edge.batching import EncodedTask, encode_tasks, eos_id, sequential_batches
 from mpt_edge.scoring import Classifier
 from mpt_edge.stages import classifier_for
 
@@ -37,6 +37,24 @@ def predict(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch.
     return np.concatenate(predicted), np.concatenate(gold)
 
 
+@torch.no_grad()
+def answer_scores(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch.Tensor | None],
+                  encoded: Sequence[EncodedTask], task_index: int, batch_size: int = 32) -> dict[str, float]:
+    """A generate task under teacher forcing: the share of target tokens that are the argmax, and exact match
+    (every target token, eos included, is the argmax: exactly when greedy decoding reproduces the target).
+    "accuracy" is the exact match, so tables treat both kinds alike."""
+    exact = hits = tokens = rows = 0
+    for batch in sequential_batches(encoded, batch_size, task_index):
+        _, out = classifier(prompts_for(batch.task_ids), batch)
+        logits, targets = classifier.answers(out, batch)
+        right = logits.argmax(dim=-1) == targets
+        owner = batch.target_mask[:, 1:].nonzero()[:, 0]              # the row of every target token
+        wrong_rows = torch.zeros(len(batch), dtype=torch.long).index_add_(0, owner, (~right).long())
+        exact += int((wrong_rows == 0).sum())
+        hits, tokens, rows = hits + int(right.sum()), tokens + right.numel(), rows + len(batch)
+    return {"accuracy": exact / rows, "exact_match": exact / rows, "token_accuracy": hits / max(tokens, 1), "n": rows}
+
+
 def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch.Tensor | None],
              encoded: Sequence[EncodedTask], batch_size: int = 32) -> dict[str, dict[str, float]]:
     """{task: {"accuracy", "macro_f1", "n"}} for every task in `encoded`.
@@ -45,6 +63,9 @@ def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch
     """
     results = {}
     for k, task in enumerate(encoded):
+        if task.spec.kind == "generate":
+            results[task.spec.name] = answer_scores(classifier, prompts_for, encoded, k, batch_size)
+            continue
         predicted, gold = predict(classifier, prompts_for, encoded, k, batch_size)
         results[task.spec.name] = {
             "accuracy": float(np.mean(predicted == gold)),
@@ -65,7 +86,7 @@ def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 
     if missing:
         raise ValueError(f"no dev split given for task(s) {missing}; early stopping scores every trained task")
     ordered = [by_name[n] for n in names]
-    encoded = encode_tasks(ordered, backbone.tokenizer, max_length)
+    encoded = encode_tasks(ordered, backbone.tokenizer, max_length, eos_id(backbone.model))
     classifier = classifier_for(backbone, [t.spec for t in ordered], plan.heads, plan.meta.get("pooling") or "mean")
     prompt = plan.prompt
 
@@ -81,7 +102,7 @@ def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 
 def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Evaluate a `Trained` checkpoint on `tasks` (TaskData, names among the checkpoint's tasks)."""
     order = torch.tensor([trained.index_of(t.spec.name) for t in tasks])
-    encoded = encode_tasks(tasks, backbone.tokenizer, max_length)
+    encoded = encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model))
     heads = trained.heads.select(order) if trained.heads is not None else None
     classifier = classifier_for(backbone, [t.spec for t in tasks], heads, trained.meta.get("pooling") or "mean")
     prompts = trained.prompt.fold().detach()[order] if trained.prompt is not None else None
@@ -95,7 +116,8 @@ def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32
         raise ValueError("zero-shot needs a causal backbone (verbalizer scoring); encoder heads must be trained: "
                          "use `mpt-edge train target --method head`")
     classifier = classifier_for(backbone, [t.spec for t in tasks], None)
-    return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length), batch_size)
+    return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model)),
+                    batch_size)
 
 
 def evaluate_engine(engine, task) -> tuple[dict[str, float], list]:

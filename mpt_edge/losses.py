@@ -27,9 +27,17 @@ class DistillConfig:
             raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over label logits (B, C) against label indices (B,)."""
-    return F.cross_entropy(logits, labels)
+def batch_task_loss(logits: torch.Tensor, batch, answers: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The task loss of a batch that may mix kinds: cross-entropy of classify rows over their label logits
+    (B, C) and of generate rows over their target tokens (`answers` = logits (N, V), tokens (N,)), each
+    weighted by its share of the batch's rows."""
+    classify = batch.labels >= 0
+    parts = []
+    if classify.any():
+        parts.append(F.cross_entropy(logits[classify], batch.labels[classify]) * classify.float().mean())
+    if answers is not None and answers[1].numel():
+        parts.append(F.cross_entropy(*answers) * (~classify).float().mean())
+    return torch.stack(parts).sum()
 
 
 def logits_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -48,8 +56,16 @@ def hidden_distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torc
 
 
 def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, mask,
-                      config: DistillConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """λ (L_logits + L_hidden) and its parts for logging."""
-    kl = logits_distillation(student_logits, teacher_logits, config.temperature)
+                      config: DistillConfig, answers: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """λ (L_logits + L_hidden) and its parts for logging. `student_logits`/`teacher_logits` are the label
+    logits (B_c, C) of classify rows; `answers` = (student (N, V), teacher (N, V), share of generate rows)
+    adds the KL of the output distributions at the answer positions, each part weighted by its row share.
+    The hidden MSE reads `mask` (B, n): the input positions."""
+    share = 1.0 - (answers[2] if answers is not None else 0.0)
+    kl = student_logits.new_zeros(())
+    if share > 0 and student_logits.shape[0]:
+        kl = kl + share * logits_distillation(student_logits, teacher_logits, config.temperature)
+    if answers is not None and answers[0].shape[0]:
+        kl = kl + answers[2] * logits_distillation(answers[0], answers[1], config.temperature)
     mse = hidden_distillation(student_hidden, teacher_hidden, mask)
     return config.weight * (kl + mse), {"kl": kl.item(), "mse": mse.item()}

@@ -48,8 +48,8 @@ class VerbalizerScorer:
 
     @classmethod
     def build(cls, adapter, model: nn.Module, specs: Sequence[TaskSpec], tokenizer: Tokenizer) -> "VerbalizerScorer":
-        rows = [verbalizer_ids(s, tokenizer) for s in specs]
-        width = max(len(r) for r in rows)
+        rows = [verbalizer_ids(s, tokenizer) for s in specs]   # generate tasks: no label slots
+        width = max(1, max(len(r) for r in rows))
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
         for k, row in enumerate(rows):
@@ -70,6 +70,11 @@ class Classifier:
     scorer: Scorer
 
     def __call__(self, prompts: torch.Tensor | None, batch: Batch) -> tuple[torch.Tensor, PromptedOutput]:
-        """prompts (B, l, d) or None → logits (B, C_max) and the family output (features, hidden)."""
+        """prompts (B, l, d) or None → logits (B, C_max) and the family output (features, hidden).
+        Generate rows get only masked label slots; their scores come from `answers`."""
         out = self.adapter.forward(self.model, prompts, batch.input_ids, batch.attention_mask)
         return self.scorer(out.features, batch.task_ids), out
+
+    def answers(self, out: PromptedOutput, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate rows: logits (N, V) at the positions that predict their N target tokens, and the tokens (N,)."""
+        return self.adapter.answer_logits(self.model, out.hidden, batch.input_ids, batch.target_mask)

@@ -15,7 +15,7 @@ import torch
 from mpt_edge.batching import EncodedTask
 from mpt_edge.heads import TaskHeads
 from mpt_edge.init import factors_from_source, identity_factors, init_prompt
-from mpt_edge.losses import DistillConfig, distillation_loss, task_loss
+from mpt_edge.losses import DistillConfig, batch_task_loss, distillation_loss
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 from mpt_edge.sampling import MixtureSampler, RoundRobinSampler
 from mpt_edge.scoring import Classifier, VerbalizerScorer
@@ -30,6 +30,8 @@ SHARED_INITS = ("teachers", "vocab", "random", "text")
 
 def classifier_for(backbone, specs, heads: TaskHeads | None, pooling: str = "mean") -> Classifier:
     """Backbone + family adapter + the family's scorer (verbalizers for causal, heads for encoder)."""
+    if backbone.family != "causal" and any(s.kind == "generate" for s in specs):
+        raise TaskError(f"generate tasks need a causal backbone; {backbone.name!r} is {backbone.family}")
     if backbone.family == "encoder":
         if heads is None:
             raise ValueError("the encoder family needs task heads")
@@ -142,8 +144,9 @@ def target(backbone, encoded: Sequence[EncodedTask], source_run: Trained, config
 def supervised_loss(classifier: Classifier, prompt: MultitaskPrompt | None):
     def loss_fn(batch):
         prompts = prompt.compose(batch.task_ids) if prompt is not None else None
-        logits, _ = classifier(prompts, batch)
-        return task_loss(logits, batch.labels), {}
+        logits, out = classifier(prompts, batch)
+        answers = classifier.answers(out, batch) if batch.target_mask is not None else None
+        return batch_task_loss(logits, batch, answers), {}
 
     return loss_fn
 
@@ -151,12 +154,17 @@ def supervised_loss(classifier: Classifier, prompt: MultitaskPrompt | None):
 def distilled_loss(student: Classifier, prompt: MultitaskPrompt, teacher: Classifier,
                    teacher_prompts: torch.Tensor, distill: DistillConfig):
     def loss_fn(batch):
+        generating = batch.target_mask is not None
         with torch.no_grad():
             teacher_logits, teacher_out = teacher(teacher_prompts[batch.task_ids], batch)
+            teacher_answers = teacher.answers(teacher_out, batch) if generating else None
         logits, out = student(prompt.compose(batch.task_ids), batch)
-        ce = task_loss(logits, batch.labels)
-        extra, parts = distillation_loss(logits, teacher_logits, out.hidden, teacher_out.hidden,
-                                         batch.attention_mask, distill)
+        answers = student.answers(out, batch) if generating else None
+        ce = batch_task_loss(logits, batch, answers)
+        classify = batch.labels >= 0
+        answer_parts = (answers[0], teacher_answers[0], float((~classify).float().mean())) if generating else None
+        extra, parts = distillation_loss(logits[classify], teacher_logits[classify], out.hidden, teacher_out.hidden,
+                                         batch.input_mask, distill, answer_parts)
         return ce + extra, {"ce": ce.item(), **parts}
 
     return loss_fn

@@ -16,7 +16,7 @@ from pathlib import Path
 from mpt_edge.atomic import write_text_atomic
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-TASK_KINDS = ("classify",)
+TASK_KINDS = ("classify", "generate")
 
 
 class TaskError(ValueError):
@@ -40,6 +40,8 @@ class TaskSpec:
 
     `template` is a `str.format` string over the example's fields, e.g. "Review: {text}\\nSentiment:";
     `verbalizers` are the words a causal backbone scores for each label (default: the labels themselves).
+    kind "generate" (causal backbones) has no labels: each example carries a `target` text, the answer the
+    backbone learns to continue the filled template with.
     """
 
     name: str
@@ -55,7 +57,11 @@ class TaskSpec:
         if self.kind not in TASK_KINDS:
             raise TaskError(f"task {self.name!r}: kind {self.kind!r} is not supported; allowed: {', '.join(TASK_KINDS)}")
         object.__setattr__(self, "labels", tuple(self.labels))
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+        if self.kind == "generate":
+            if self.labels or self.verbalizers:
+                raise TaskError(f"task {self.name!r}: a generate task has no labels or verbalizers; its examples "
+                                "carry a \"target\" text instead")
+        elif len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise TaskError(f"task {self.name!r}: labels must be at least two distinct strings, got {list(self.labels)}")
         if not self.fields:
             raise TaskError(f"task {self.name!r}: template {self.template!r} names no field; use e.g. '{{text}}'")
@@ -90,10 +96,12 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled example: the template's fields and the label's index in `TaskSpec.labels`."""
+    """One example: the template's fields and the label's index in `TaskSpec.labels` (classify), or the
+    target text with label -1 (generate)."""
 
     fields: dict[str, str]
     label: int
+    target: str = ""
 
 
 @dataclass
@@ -135,9 +143,15 @@ def load_examples(path: Path, spec: TaskSpec) -> list[Example]:
                 raise TaskError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [f for f in (*spec.fields, "label") if f not in row]
+            answer = "target" if spec.kind == "generate" else "label"
+            missing = [f for f in (*spec.fields, answer) if f not in row]
             if missing:
                 raise TaskError(f"{path}:{lineno}: missing field(s) {missing} for task {spec.name!r}")
+            if spec.kind == "generate":
+                if not isinstance(row["target"], str) or not row["target"]:
+                    raise TaskError(f"{path}:{lineno}: target must be a non-empty string, got {row['target']!r}")
+                examples.append(Example({f: str(row[f]) for f in spec.fields}, -1, row["target"]))
+                continue
             label = row["label"]
             if label not in label_index:
                 raise TaskError(

@@ -29,6 +29,16 @@ class CausalAdapter:
         features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return PromptedOutput(features=features, hidden=hidden[:, prompt_len:])
 
+    def answer_logits(self, model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                      target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-vocabulary logits at the positions that predict target tokens, and those tokens.
+
+        hidden (B, n, d) at the input positions, input_ids and target_mask (B, n) → (N, V), (N,) for the
+        N target tokens of the batch (position j predicts token j + 1).
+        """
+        predicts = target_mask[:, 1:]
+        return model.get_output_embeddings()(hidden[:, :-1][predicts]), input_ids[:, 1:][predicts]
+
     def label_logits(self, model: nn.Module, features: torch.Tensor, token_ids: torch.Tensor,
                      valid: torch.Tensor) -> torch.Tensor:
         """Next-token logits of the label tokens: features (B, d), token_ids/valid (B, C) → (B, C)."""
