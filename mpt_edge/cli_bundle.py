@@ -28,6 +28,7 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal: also write the generation graph with KV cache (default: when a task generates); classify then runs from each task's cached prompt KV.")] = None,
     data: DataDir = None,
     eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare int8 with fp32 (0: skip).")] = 200,
 ):
@@ -42,13 +43,16 @@ def export_command(
 
     trained = load_trained(checkpoint)
     options = ExportOptions(optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
-                            max_length=trained.meta["train"]["max_length"])
+                            max_length=trained.meta["train"]["max_length"], kv_cache=kv_cache)
     bb = load_backbone(backbone)
     trained.check_backbone(bb, checkpoint)
     manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
     parity = manifest["parity"]
     typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), graph {manifest['files']['model.onnx'][:12]}…, "
                f"fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e}")
+    if "decoder" in parity:
+        typer.echo(f"generation graph (KV cache) fp32 parity max abs diff {parity['decoder']['fp32']['max_abs_diff']:.2e} "
+                   f"over {len(parity['decoder']['fp32']['cases'])} prefill/decode shapes")
     if quantize:
         typer.echo(f"int8 ({quantize}) features vs PyTorch: min cosine {parity['int8']['min_cosine']:.4f}")
         if eval_limit > 0:
@@ -63,8 +67,11 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
     from mpt_edge.evaluate import evaluate_engine, evaluate_trained
     from mpt_edge.tasks import TaskError
 
+    names = [s.name for s in trained.specs if s.kind == "classify"]
+    if not names:
+        return
     try:
-        dev = load_split(trained.task_names, data, "dev", limit=limit)
+        dev = load_split(names, data, "dev", limit=limit)
     except TaskError as err:
         typer.echo(f"note: no dev split to compare int8 with fp32 ({err})", err=True)
         return
@@ -84,14 +91,21 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
 @_cli_errors
 def run_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify with --task.")] = None,
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts for --task.")] = None,
     task: Annotated[str, typer.Option(help="Task for the texts (or the default for JSONL rows without one).")] = "",
     jsonl: Annotated[Optional[str], typer.Option(help="JSONL input file, or - for stdin: {\"task\", \"text\"} per line.")] = None,
     device: Device = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: onnxruntime's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Generate tasks: tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Generate tasks: 0 = greedy, > 0 samples.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Generate tasks: sample among the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Generate tasks: nucleus sampling mass (1 = all).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Generate tasks: sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Generate tasks: stop at this string (repeatable).")] = None,
 ):
-    """Classify texts with a bundle (no torch). Plain texts print one line each; JSONL in gives JSONL out.
+    """Classify or generate with a bundle (no torch). Plain texts print one line each (generated text streams
+    as it is produced); JSONL in gives JSONL out.
 
     Example: mpt-edge run bundles/mpt --task rotten_tomatoes "a gorgeous, moving film" "two hours I want back"
     """
@@ -100,16 +114,33 @@ def run_command(
     if bool(texts) == bool(jsonl):
         raise mer.InputError("give texts (with --task) or --jsonl FILE|-, not both and not neither")
     engine = mer.load(bundle, device=device, threads=threads, batch_size=batch_size)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "seed": seed, "stop": tuple(stop or ())}
     if texts:
         if not task:
             raise mer.InputError(f"--task is required with plain texts; tasks: {', '.join(engine.tasks)}")
+        if engine.task(task).kind == "generate":
+            for text in texts:
+                for piece in engine.stream(task, text, **sampling):
+                    typer.echo(piece, nl=False)
+                    sys.stdout.flush()
+                typer.echo("")
+            return
         for text, p in zip(texts, engine.classify(task, texts)):
             typer.echo(f"{p.label}\t{p.score:.4f}\t{text}")
         return
     requests = _read_jsonl(jsonl, task)
-    for (name, text), p in zip(requests, engine.run(requests)):
-        typer.echo(json.dumps({"task": name, "text": text, "label": p.label, "score": p.score,
-                               "probabilities": p.probabilities}, ensure_ascii=False))
+    generating = [i for i, (name, _) in enumerate(requests) if engine.task(name).kind == "generate"]
+    classifying = [i for i in range(len(requests)) if i not in set(generating)]
+    rows: dict[int, dict] = {}
+    if classifying:
+        for i, p in zip(classifying, engine.run([requests[i] for i in classifying])):
+            rows[i] = {"label": p.label, "score": p.score, "probabilities": p.probabilities}
+    if generating:
+        for i, text in zip(generating, engine.generate_batch([requests[i] for i in generating], **sampling)):
+            rows[i] = {"generation": text}
+    for i, (name, text) in enumerate(requests):
+        typer.echo(json.dumps({"task": name, "text": text, **rows[i]}, ensure_ascii=False))
 
 
 def _read_jsonl(source: str, default_task: str) -> list[tuple[str, str]]:
@@ -161,12 +192,19 @@ def inspect_command(
     typer.echo(f"graph: opset {g['opset']}, {g['dtype']}" + (f", {g['quantize']['recipe']}" if g.get("quantize") else "")
                + (", optimized" if g.get("optimize") else "") + f"; prompt l={p['length']}, {p['groups']} shared group(s)")
     typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest["files"]))
-    typer.echo(f"{'task':<22} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
+    if manifest.get("decoder"):
+        typer.echo(f"generation graph: {manifest['decoder']['file']} (KV cache), eos ids {manifest['decoder']['eos_token_ids']}")
+    typer.echo(f"{'task':<22} {'kind':>8} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
     for spec in tasks:
         parts = [tensors[f"tasks.{spec['name']}.{k}"] for k in ("u", "v", "head.weight", "head.bias")]
-        typer.echo(f"{spec['name']:<22} {len(spec['labels']):>6} {parts[0].shape[1]:>4} {spec['group']:>5} "
+        typer.echo(f"{spec['name']:<22} {spec.get('kind', 'classify'):>8} {len(spec['labels']):>6} {parts[0].shape[1]:>4} {spec['group']:>5} "
                    f"{sum(x.nbytes for x in parts):>19}")
     for name, report in manifest["parity"].items():
+        if name == "decoder":
+            for kind, sub in report.items():
+                typer.echo(f"parity generation graph {kind}: max abs diff {sub['max_abs_diff']:.2e} over "
+                           f"{len(sub['cases'])} prefill/decode shapes")
+            continue
         typer.echo(f"parity {name}: max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.5f} "
                    f"over {len(report['cases'])} shapes")
     typer.echo("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))

@@ -171,3 +171,31 @@ def test_run_and_inspect_do_not_import_torch(workspace):
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_generate_task_trains_exports_and_streams_from_the_command_line(workspace, tmp_path):
+    from mpt_edge.tasks import TaskSpec
+
+    spec = TaskSpec("naming", (), kind="generate", template="Review : {text} Mood :")
+    answers = {"negative": "sad", "positive": "happy"}
+    write_task(workspace / "data" / "naming", spec, {
+        split: [{"text": r["text"], "target": answers[r["label"]]} for r in synthetic_rows("polarity", 24, seed)]
+        for seed, split in enumerate(["train", "dev", "test"])})
+    result = invoke("train", "target", "--method", "pt", "--tasks", "naming,mood", "--out", tmp_path / "pt",
+                    *common(workspace), *FAST)
+    assert result.exit_code == 0, result.output
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "bundle", "--backbone", workspace / "tiny-llama")
+    assert result.exit_code == 0 and "generation graph (KV cache) fp32 parity" in result.output, result.output
+    result = invoke("run", tmp_path / "bundle", "--task", "naming", "good film", "dull plot", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(len(line.split()) <= 3 for line in lines)
+    requests = tmp_path / "mixed.jsonl"
+    requests.write_text('{"task": "naming", "text": "good film"}\n{"task": "mood", "text": "sad plot"}\n')
+    result = invoke("run", tmp_path / "bundle", "--jsonl", requests, "--max-new-tokens", "3")
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert result.exit_code == 0 and rows[0]["generation"] == lines[0] and rows[1]["label"] in ("negative", "positive")
+    result = invoke("run", tmp_path / "bundle", "--task", "naming", "x", "--max-new-tokens", "0")
+    assert result.exit_code == 1 and "max_new_tokens must be an integer >= 1" in result.output
+    result = invoke("inspect", tmp_path / "bundle")
+    assert result.exit_code == 0 and "generate" in result.stdout and "parity generation graph fp32" in result.stdout
