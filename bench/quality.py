@@ -44,18 +44,25 @@ from finetune import finetune_run
 HERE = Path(__file__).parent
 METHODS = ("baseline", "pt", "spot", "mpt-full", "mpt-factors", "finetune")
 BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "full": ("full.toml", "full-minilm.toml")}
-DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9}
+# optional suite keys: ablations reuse another suite's stages ("teachers_from", "source_from": a suite name)
+DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9, "lr_factors": TrainConfig.lr_factors,
+            "teachers_from": None, "source_from": None}
 
 
 def source_stage(suite: dict, backbone, work: Path) -> tuple:
-    """Teachers and the distilled source checkpoint, trained once per suite (resumed when interrupted)."""
+    """Teachers and the distilled source checkpoint, trained once per suite (resumed when interrupted), or
+    taken from the suites named by `teachers_from` / `source_from`."""
     data = default_data_dir()
     train = load_split(suite["sources"], data, "train", k_per_class=suite["source_k"], seed=0)
     encoded = encode_tasks(train, backbone.tokenizer, suite["max_length"])
-    teacher_cfg = TrainConfig(steps=suite["teacher_steps"], max_length=suite["max_length"], checkpoint_every=20)
-    fit(stages.prompt_tuning("teachers", backbone, encoded, teacher_cfg, PromptConfig(length=suite["prompt_length"])),
-        encoded, teacher_cfg, work / "teachers", resume=True)
-    teachers = load_trained(work / "teachers")
+    teachers_dir = work.parent / suite["teachers_from"] / "teachers" if suite["teachers_from"] else work / "teachers"
+    if not suite["teachers_from"]:
+        teacher_cfg = TrainConfig(steps=suite["teacher_steps"], max_length=suite["max_length"], checkpoint_every=20)
+        fit(stages.prompt_tuning("teachers", backbone, encoded, teacher_cfg, PromptConfig(length=suite["prompt_length"])),
+            encoded, teacher_cfg, teachers_dir, resume=True)
+    teachers = load_trained(teachers_dir)
+    if suite["source_from"]:
+        return teachers, load_trained(work.parent / suite["source_from"] / "source")
     source_cfg = TrainConfig(steps=suite["source_steps"], max_length=suite["max_length"], checkpoint_every=20)
     distill = DistillConfig(weight=suite["source_distill"])
     fit(stages.source(backbone, encoded, teachers, source_cfg, distill=distill), encoded, source_cfg,
@@ -96,7 +103,7 @@ def one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, 
     test = load_split([target], data, "test", limit=suite["test_limit"], seed=0)
     dev = load_split([target], data, "dev", limit=suite["dev_limit"], seed=0)
     config = TrainConfig(steps=suite["steps"], max_length=suite["max_length"], seed=seed, checkpoint_every=10**6,
-                         eval_every=suite["eval_every"])
+                         eval_every=suite["eval_every"], lr_factors=suite["lr_factors"])
     encoded = encode_tasks(train, backbone.tokenizer, config.max_length)
     out = work / "runs" / f"{target}-k{k}-s{seed}-{method}"
     extra = {}
