@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import mpt_edge
-from mpt_edge.scoring import verbalizer_ids
+from mpt_edge.scoring import verbalizer_ids, verbalizer_sequences
 from mpt_edge.trained import Trained
 from mpt_edge_export.bundle import BundleSource, ExportError, ExportTask
 from mpt_edge_export.families import adapter_for
@@ -42,7 +42,7 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
         tasks.append(ExportTask(
             spec={"name": spec.name, "kind": spec.kind, "labels": list(spec.labels), "template": spec.template,
                   "verbalizers": list(spec.label_words), "group": int(tensors["prompt.task_groups"][k]),
-                  "max_length": max_length},
+                  "max_length": max_length, **_sequences(spec, backbone)},
             u=tensors["prompt.u"][k].numpy(), v=tensors["prompt.v"][k].numpy(), head_weight=weight, head_bias=bias))
     pooling = trained.meta.get("pooling") or "mean"
     adapter = adapter_for(backbone.family, **({"pooling": pooling} if backbone.family == "encoder" else {}))
@@ -53,9 +53,19 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
                "source_checkpoint": {"stage": trained.meta.get("stage"), "step": trained.meta.get("step")}})
 
 
+def _sequences(spec, backbone) -> dict:
+    """Whole-sequence verbalizers: the runtime scores these token ids with the generation graph."""
+    if spec.verbalizer_tokens != "all":
+        return {}
+    return {"verbalizer_tokens": "all", "verbalizer_ids": verbalizer_sequences(spec, backbone.tokenizer)}
+
+
 def _head(trained: Trained, backbone, k: int) -> tuple[np.ndarray, np.ndarray]:
     if trained.heads is not None:
         return trained.heads.weight[k].detach().numpy(), trained.heads.bias[k].detach().numpy()
+    if trained.specs[k].verbalizer_tokens == "all":  # scored by sequences, not by a head: a placeholder
+        dim = backbone.model.get_input_embeddings().embedding_dim
+        return np.zeros((len(trained.specs[k].labels), dim), np.float32), np.zeros(len(trained.specs[k].labels), np.float32)
     ids = torch.tensor(verbalizer_ids(trained.specs[k], backbone.tokenizer), dtype=torch.long)
     head = backbone.model.get_output_embeddings()
     bias = head.bias[ids] if getattr(head, "bias", None) is not None else torch.zeros(len(ids))

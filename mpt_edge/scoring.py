@@ -15,7 +15,7 @@ from torch import nn
 
 from mpt_edge.batching import Batch
 from mpt_edge.tasks import TaskError, TaskSpec
-from mpt_edge_export.families.base import PromptedOutput
+from mpt_edge_export.families.base import MASKED_LOGIT, PromptedOutput
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # features (B, d), task_ids (B,) → (B, C_max)
 
@@ -37,6 +37,40 @@ def verbalizer_ids(spec: TaskSpec, tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
+def verbalizer_sequences(spec: TaskSpec, tokenizer: Tokenizer) -> list[list[int]]:
+    """Every token id of " <word>" for each label word; the sequences must differ, or a TaskError."""
+    rows = [tokenizer.encode(" " + word.strip(), add_special_tokens=False).ids for word in spec.label_words]
+    empty = [w for w, r in zip(spec.label_words, rows) if not r]
+    if empty:
+        raise TaskError(f"task {spec.name!r}: verbalizer(s) {empty} encode to no token")
+    if len({tuple(r) for r in rows}) != len(rows):
+        raise TaskError(f"task {spec.name!r}: two verbalizers encode to the same tokens; choose distinct label words")
+    return rows
+
+
+@dataclass(frozen=True)
+class SequenceLabels:
+    """Tasks whose labels are scored by their whole token sequence: ids (T, C, L), mask (T, C, L), and which
+    tasks use it (T,). A label's logit is the summed log-probability of its tokens after the input."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    tasks: torch.Tensor
+
+    @classmethod
+    def build(cls, specs: Sequence[TaskSpec], tokenizer: Tokenizer) -> "SequenceLabels | None":
+        rows = [verbalizer_sequences(s, tokenizer) if s.verbalizer_tokens == "all" else [] for s in specs]
+        if not any(rows):
+            return None
+        width, length = max(len(r) for r in rows), max(len(t) for r in rows for t in r)
+        ids = torch.zeros((len(rows), width, length), dtype=torch.long)
+        mask = torch.zeros((len(rows), width, length), dtype=torch.bool)
+        for k, row in enumerate(rows):
+            for c, tokens in enumerate(row):
+                ids[k, c, :len(tokens)], mask[k, c, :len(tokens)] = torch.tensor(tokens), True
+        return cls(ids, mask, torch.tensor([bool(r) for r in rows]))
+
+
 @dataclass(frozen=True)
 class VerbalizerScorer:
     """Scores label words for a causal backbone: token ids and validity per task, (T, C_max)."""
@@ -48,7 +82,8 @@ class VerbalizerScorer:
 
     @classmethod
     def build(cls, adapter, model: nn.Module, specs: Sequence[TaskSpec], tokenizer: Tokenizer) -> "VerbalizerScorer":
-        rows = [verbalizer_ids(s, tokenizer) for s in specs]   # generate tasks: no label slots
+        # generate tasks: no label slots; whole-sequence tasks: placeholders that `SequenceLabels` fills
+        rows = [verbalizer_ids(s, tokenizer) if s.verbalizer_tokens == "first" else [0] * len(s.labels) for s in specs]
         width = max(1, max(len(r) for r in rows))
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -68,12 +103,25 @@ class Classifier:
     model: nn.Module
     adapter: object
     scorer: Scorer
+    sequences: SequenceLabels | None = None
 
     def __call__(self, prompts: torch.Tensor | None, batch: Batch) -> tuple[torch.Tensor, PromptedOutput]:
         """prompts (B, l, d) or None → logits (B, C_max) and the family output (features, hidden).
-        Generate rows get only masked label slots; their scores come from `answers`."""
+        Generate rows get only masked label slots; their scores come from `answers`. Rows of tasks with
+        whole-sequence verbalizers get summed label log-probabilities (one more forward, C rows per row)."""
         out = self.adapter.forward(self.model, prompts, batch.input_ids, batch.attention_mask)
-        return self.scorer(out.features, batch.task_ids), out
+        logits = self.scorer(out.features, batch.task_ids)
+        if self.sequences is not None:
+            rows = self.sequences.tasks[batch.task_ids].nonzero()[:, 0]
+            if len(rows):
+                tasks = batch.task_ids[rows]
+                scores = self.adapter.sequence_log_probs(
+                    self.model, prompts[rows] if prompts is not None else None, batch.input_ids[rows],
+                    batch.attention_mask[rows], self.sequences.ids[tasks], self.sequences.mask[tasks])
+                width = min(scores.shape[1], logits.shape[1])
+                logits = logits.index_put((rows,), torch.cat(
+                    [scores[:, :width], logits.new_full((len(rows), logits.shape[1] - width), MASKED_LOGIT)], 1))
+        return logits, out
 
     def answers(self, out: PromptedOutput, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate rows: logits (N, V) at the positions that predict their N target tokens, and the tokens (N,)."""

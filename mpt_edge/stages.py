@@ -18,7 +18,7 @@ from mpt_edge.init import factors_from_source, identity_factors, init_prompt
 from mpt_edge.losses import DistillConfig, batch_task_loss, distillation_loss
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 from mpt_edge.sampling import MixtureSampler, RoundRobinSampler
-from mpt_edge.scoring import Classifier, VerbalizerScorer
+from mpt_edge.scoring import Classifier, SequenceLabels, VerbalizerScorer
 from mpt_edge.tasks import TaskError
 from mpt_edge.train import Plan, TrainConfig
 from mpt_edge.trained import Trained, fixed_prompts
@@ -30,14 +30,16 @@ SHARED_INITS = ("teachers", "vocab", "random", "text")
 
 def classifier_for(backbone, specs, heads: TaskHeads | None, pooling: str = "mean") -> Classifier:
     """Backbone + family adapter + the family's scorer (verbalizers for causal, heads for encoder)."""
-    if backbone.family != "causal" and any(s.kind == "generate" for s in specs):
-        raise TaskError(f"generate tasks need a causal backbone; {backbone.name!r} is {backbone.family}")
+    if backbone.family != "causal" and any(s.kind == "generate" or s.verbalizer_tokens == "all" for s in specs):
+        raise TaskError(f"generate tasks and whole-sequence verbalizers need a causal backbone; "
+                        f"{backbone.name!r} is {backbone.family}")
     if backbone.family == "encoder":
         if heads is None:
             raise ValueError("the encoder family needs task heads")
         return Classifier(backbone.model, adapter_for("encoder", pooling=pooling), heads)
     adapter = adapter_for(backbone.family)
-    return Classifier(backbone.model, adapter, VerbalizerScorer.build(adapter, backbone.model, specs, backbone.tokenizer))
+    return Classifier(backbone.model, adapter, VerbalizerScorer.build(adapter, backbone.model, specs, backbone.tokenizer),
+                      SequenceLabels.build(specs, backbone.tokenizer))
 
 
 def prompt_tuning(stage: str, backbone, encoded: Sequence[EncodedTask], config: TrainConfig,

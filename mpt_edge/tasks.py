@@ -17,6 +17,7 @@ from mpt_edge.atomic import write_text_atomic
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 TASK_KINDS = ("classify", "generate")
+VERBALIZER_TOKENS = ("first", "all")
 
 
 class TaskError(ValueError):
@@ -41,7 +42,9 @@ class TaskSpec:
     `template` is a `str.format` string over the example's fields, e.g. "Review: {text}\\nSentiment:";
     `verbalizers` are the words a causal backbone scores for each label (default: the labels themselves).
     kind "generate" (causal backbones) has no labels: each example carries a `target` text, the answer the
-    backbone learns to continue the filled template with.
+    backbone learns to continue the filled template with. `verbalizer_tokens` "first" scores a label by the
+    first token of its word (one forward); "all" by the log-probability of the word's whole token sequence
+    (causal backbones; multi-token verbalizers).
     """
 
     name: str
@@ -50,6 +53,7 @@ class TaskSpec:
     template: str = "{text}"
     verbalizers: tuple[str, ...] | None = None
     description: str = ""
+    verbalizer_tokens: str = "first"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not TASK_NAME.match(self.name):
@@ -57,6 +61,9 @@ class TaskSpec:
         if self.kind not in TASK_KINDS:
             raise TaskError(f"task {self.name!r}: kind {self.kind!r} is not supported; allowed: {', '.join(TASK_KINDS)}")
         object.__setattr__(self, "labels", tuple(self.labels))
+        if self.verbalizer_tokens not in VERBALIZER_TOKENS:
+            raise TaskError(f"task {self.name!r}: verbalizer_tokens {self.verbalizer_tokens!r} is not one of "
+                            f"{', '.join(VERBALIZER_TOKENS)}")
         if self.kind == "generate":
             if self.labels or self.verbalizers:
                 raise TaskError(f"task {self.name!r}: a generate task has no labels or verbalizers; its examples "

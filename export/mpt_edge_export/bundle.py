@@ -151,12 +151,18 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
 
 
 def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
-    """Whether the bundle gets the generation graph: asked for, or (by default) when a causal task generates."""
+    """Whether the bundle gets the generation graph: asked for, or (by default) when a causal task generates or
+    scores whole verbalizer sequences."""
     if options.kv_cache and source.family != "causal":
         raise ExportError(f"--kv-cache needs a causal backbone; this one is {source.family}")
+    needs = [t.spec["name"] for t in source.tasks
+             if t.spec.get("kind") == "generate" or t.spec.get("verbalizer_tokens") == "all"]
+    if options.kv_cache is False and needs:
+        raise ExportError(f"task(s) {needs} generate or score whole verbalizer sequences and need the generation "
+                          "graph; drop --no-kv-cache")
     if options.kv_cache is not None:
         return options.kv_cache
-    return source.family == "causal" and any(t.spec.get("kind") == "generate" for t in source.tasks)
+    return source.family == "causal" and bool(needs)
 
 
 def _build_decoder(source: BundleSource, folder: Path, options: ExportOptions, length: int, log) -> dict:

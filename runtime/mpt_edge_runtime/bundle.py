@@ -34,6 +34,7 @@ class TaskEntry:
     head_bias: np.ndarray
     kind: str = "classify"
     prompt_kv: tuple = ()
+    label_tokens: tuple = ()   # whole-sequence verbalizers: one token-id tuple per label (scored by the decoder)
 
 
 def compose(shared: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -107,9 +108,10 @@ def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where
     kind = spec.get("kind", "classify")
     if kind not in ("classify", "generate"):
         raise BundleError(f"{where}: task {name!r} has kind {kind!r}; this runtime serves classify and generate")
-    if kind == "generate" and manifest.get("decoder") is None:
-        raise BundleError(f"{where}: task {name!r} generates, but the bundle has no generation graph; "
-                          "re-export it with `mpt-edge export --kv-cache`")
+    sequences = spec.get("verbalizer_ids") if spec.get("verbalizer_tokens") == "all" else None
+    if (kind == "generate" or sequences is not None) and manifest.get("decoder") is None:
+        raise BundleError(f"{where}: task {name!r} {'generates' if kind == 'generate' else 'scores whole verbalizer sequences'}"
+                          ", but the bundle has no generation graph; re-export it with `mpt-edge export --kv-cache`")
     try:
         shared = tensors[fmt.shared_key(spec["group"])]
         u, v = tensors[fmt.task_key(name, "u")], tensors[fmt.task_key(name, "v")]
@@ -129,5 +131,11 @@ def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where
     labels = tuple(spec.get("labels") or ()) if kind == "classify" else ()
     if weight.shape != (len(labels), dim) or bias.shape != (len(labels),):
         raise BundleError(f"{where}: task {name!r} head {weight.shape} does not fit {len(labels)} labels × hidden size {dim}")
+    label_tokens = ()
+    if sequences is not None:
+        if not (isinstance(sequences, list) and len(sequences) == len(labels)
+                and all(isinstance(t, list) and t and all(isinstance(i, int) for i in t) for t in sequences)):
+            raise BundleError(f"{where}: task {name!r} needs one non-empty token-id list per label in verbalizer_ids")
+        label_tokens = tuple(tuple(t) for t in sequences)
     return TaskEntry(name, labels, spec["template"], int(spec["max_length"]), compose(shared, u, v),
-                     weight.astype(np.float32), bias.astype(np.float32), kind)
+                     weight.astype(np.float32), bias.astype(np.float32), kind, label_tokens=label_tokens)

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import TaskEntry, read_manifest, read_tasks, task_entry
 from mpt_edge_runtime.errors import BundleError, InputError, UnknownTaskError
-from mpt_edge_runtime.generation import DecoderSession, decode, prefill, prompt_cache
+from mpt_edge_runtime.generation import DecoderSession, decode, label_log_probs, prefill, prompt_cache
 from mpt_edge_runtime.sampling import SamplingConfig
 from mpt_edge_runtime.session import GraphSession
 from mpt_edge_runtime.text import encode_example, plain_tokenizer, special_tokens
@@ -180,7 +180,14 @@ class Engine:
     def _forward(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[Prediction]:
         if self.decoder is not None:  # from each task's cached prompt KV: the prompt does not run again
             _, features, *_ = prefill(self.decoder, [(entry.prompt_kv, ids) for entry, ids in rows])
-            return [_predict(entry, row) for (entry, _), row in zip(rows, features)]
+            predictions = [_predict(entry, row) for (entry, _), row in zip(rows, features)]
+            whole = [i for i, (entry, _) in enumerate(rows) if entry.label_tokens]
+            if whole:  # whole-sequence verbalizers: label log-probabilities replace the head's logits
+                scores = label_log_probs(self.decoder, [(rows[i][0].prompt_kv, rows[i][1], rows[i][0].label_tokens)
+                                                        for i in whole])
+                for i, logits in zip(whole, scores):
+                    predictions[i] = _from_logits(rows[i][0], logits)
+            return predictions
         width = max(len(ids) for _, ids in rows)
         input_ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -247,7 +254,10 @@ class _TextStream:
 
 
 def _predict(entry: TaskEntry, features: np.ndarray) -> Prediction:
-    logits = entry.head_weight @ features + entry.head_bias
+    return _from_logits(entry, entry.head_weight @ features + entry.head_bias)
+
+
+def _from_logits(entry: TaskEntry, logits: np.ndarray) -> Prediction:
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     best = int(np.argmax(probs))

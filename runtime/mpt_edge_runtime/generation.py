@@ -104,3 +104,33 @@ def decode(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int]]],
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
         positions = positions + 1
         logits, _, past = decoder.step(tokens[:, None], mask, positions[:, None], prompts, past)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def label_log_probs(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int], Sequence[Sequence[int]]]]
+                    ) -> list[np.ndarray]:
+    """Whole-sequence verbalizers: for each row (prompt KV, input ids, label token sequences), the summed
+    log-probability of every label's tokens after the input → one (C,) array per row. One prefill, then one
+    decode step per label token beyond the first, over all (row, label) pairs at once."""
+    logits, _, present, mask, positions = prefill(decoder, [(cache, ids) for cache, ids, _ in rows])
+    owner = np.repeat(np.arange(len(rows)), [len(labels) for _, _, labels in rows])
+    sequences = [list(tokens) for _, _, labels in rows for tokens in labels]
+    scores = log_softmax(logits)[owner, [tokens[0] for tokens in sequences]]
+    longest = max(len(tokens) for tokens in sequences)
+    if longest > 1:
+        past, mask, positions = [p[owner] for p in present], mask[owner], positions[owner]
+        prompts = np.zeros((len(owner), 0, decoder.hidden_size), np.float32)
+        for j in range(1, longest):
+            fed = np.array([tokens[min(j, len(tokens)) - 1] for tokens in sequences], np.int64)
+            mask = np.concatenate([mask, np.ones((len(owner), 1), np.int64)], axis=1)
+            positions = positions + 1
+            logits, _, past = decoder.step(fed[:, None], mask, positions[:, None], prompts, past)
+            step = log_softmax(logits)
+            for r, tokens in enumerate(sequences):
+                if j < len(tokens):
+                    scores[r] += step[r, tokens[j]]
+    return np.split(scores.astype(np.float32), np.cumsum([len(labels) for _, _, labels in rows])[:-1])

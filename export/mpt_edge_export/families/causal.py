@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpt_edge_export.families.base import PromptedOutput, prompted_inputs, score_rows
+from mpt_edge_export.families.base import MASKED_LOGIT, PromptedOutput, prompted_inputs, score_rows
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,30 @@ class CausalAdapter:
         """
         predicts = target_mask[:, 1:]
         return model.get_output_embeddings()(hidden[:, :-1][predicts]), input_ids[:, 1:][predicts]
+
+    def sequence_log_probs(self, model: nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, label_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+        """Summed log-probability of each label's token sequence after each row's input.
+
+        prompt (B, l, d) or None, input_ids/attention_mask (B, n) right-padded, label_ids/label_mask (B, C, L)
+        → (B, C); labels without tokens get MASKED_LOGIT. Runs one forward over B·C rows [input | label].
+        """
+        batch, width = input_ids.shape
+        labels, length = label_ids.shape[1:]
+        lengths = attention_mask.sum(dim=1).repeat_interleave(labels)                     # (B·C,)
+        flat_ids, flat_mask = label_ids.reshape(-1, length), label_mask.reshape(-1, length)
+        ids = torch.cat([input_ids.repeat_interleave(labels, 0), input_ids.new_zeros(batch * labels, length)], 1)
+        mask = torch.cat([attention_mask.repeat_interleave(labels, 0), attention_mask.new_zeros(batch * labels, length)], 1)
+        slots = lengths[:, None] + torch.arange(length, device=ids.device)                # where label tokens go
+        ids = ids.scatter(1, slots, torch.where(flat_mask, flat_ids, 0))
+        mask = mask.scatter(1, slots, flat_mask.long())
+        prompts = prompt.repeat_interleave(labels, 0) if prompt is not None else None
+        hidden = self.forward(model, prompts, ids, mask).hidden                            # (B·C, n + L, d)
+        before = (slots - 1)[..., None].expand(-1, -1, hidden.shape[-1])                  # positions that predict them
+        log_probs = torch.log_softmax(model.get_output_embeddings()(hidden.gather(1, before)).float(), dim=-1)
+        picked = log_probs.gather(-1, flat_ids[..., None]).squeeze(-1) * flat_mask
+        scores = picked.sum(dim=-1).view(batch, labels)
+        return scores.masked_fill(~label_mask.any(dim=-1), MASKED_LOGIT)
 
     def label_logits(self, model: nn.Module, features: torch.Tensor, token_ids: torch.Tensor,
                      valid: torch.Tensor) -> torch.Tensor:
