@@ -28,7 +28,7 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
-    kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal: also write the generation graph with KV cache (default: when a task generates); classify then runs from each task's cached prompt KV.")] = None,
+    kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal: export the generation graph with KV cache (decoder.onnx) instead of the features graph; it serves classify too, from each task's cached prompt KV. Default: when a task generates or scores whole verbalizer sequences.")] = None,
     data: DataDir = None,
     eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare int8 with fp32 (0: skip).")] = 200,
 ):
@@ -48,13 +48,14 @@ def export_command(
     trained.check_backbone(bb, checkpoint)
     manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
     parity = manifest["parity"]
-    typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), graph {manifest['files']['model.onnx'][:12]}…, "
-               f"fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e}")
-    if "decoder" in parity:
-        typer.echo(f"generation graph (KV cache) fp32 parity max abs diff {parity['decoder']['fp32']['max_abs_diff']:.2e} "
-                   f"over {len(parity['decoder']['fp32']['cases'])} prefill/decode shapes")
+    graph = manifest["graph"]
+    kind = "generation graph with KV cache" if graph.get("kind") == "decoder" else "features graph"
+    typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), {kind} {graph['file']} "
+               f"{manifest['files'][graph['file']][:12]}…, fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e} "
+               f"over {len(parity['fp32']['cases'])} shapes")
     if quantize:
-        typer.echo(f"int8 ({quantize}) features vs PyTorch: min cosine {parity['int8']['min_cosine']:.4f}")
+        typer.echo(f"int8 ({quantize}) vs PyTorch: max abs diff {parity['int8']['max_abs_diff']:.3g}"
+                   + (f", features min cosine {parity['int8']['min_cosine']:.4f}" if "min_cosine" in parity["int8"] else ""))
         if eval_limit > 0:
             _compare_quantized(bb, trained, out, manifest, _data_dir(data), eval_limit)
 
@@ -192,19 +193,14 @@ def inspect_command(
     typer.echo(f"graph: opset {g['opset']}, {g['dtype']}" + (f", {g['quantize']['recipe']}" if g.get("quantize") else "")
                + (", optimized" if g.get("optimize") else "") + f"; prompt l={p['length']}, {p['groups']} shared group(s)")
     typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest["files"]))
-    if manifest.get("decoder"):
-        typer.echo(f"generation graph: {manifest['decoder']['file']} (KV cache), eos ids {manifest['decoder']['eos_token_ids']}")
+    if g.get("kind") == "decoder":
+        typer.echo(f"generation graph with KV cache: {g['file']}, eos ids {g['eos_token_ids']}")
     typer.echo(f"{'task':<22} {'kind':>8} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
     for spec in tasks:
         parts = [tensors[f"tasks.{spec['name']}.{k}"] for k in ("u", "v", "head.weight", "head.bias")]
         typer.echo(f"{spec['name']:<22} {spec.get('kind', 'classify'):>8} {len(spec['labels']):>6} {parts[0].shape[1]:>4} {spec['group']:>5} "
                    f"{sum(x.nbytes for x in parts):>19}")
     for name, report in manifest["parity"].items():
-        if name == "decoder":
-            for kind, sub in report.items():
-                typer.echo(f"parity generation graph {kind}: max abs diff {sub['max_abs_diff']:.2e} over "
-                           f"{len(sub['cases'])} prefill/decode shapes")
-            continue
-        typer.echo(f"parity {name}: max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.5f} "
-                   f"over {len(report['cases'])} shapes")
+        cosine = f", min cosine {report['min_cosine']:.5f}" if "min_cosine" in report else ""
+        typer.echo(f"parity {name}: max abs diff {report['max_abs_diff']:.2e}{cosine} over {len(report['cases'])} shapes")
     typer.echo("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))

@@ -185,7 +185,7 @@ def test_generate_task_trains_exports_and_streams_from_the_command_line(workspac
                     *common(workspace), *FAST)
     assert result.exit_code == 0, result.output
     result = invoke("export", tmp_path / "pt", "--out", tmp_path / "bundle", "--backbone", workspace / "tiny-llama")
-    assert result.exit_code == 0 and "generation graph (KV cache) fp32 parity" in result.output, result.output
+    assert result.exit_code == 0 and "generation graph with KV cache decoder.onnx" in result.output, result.output
     result = invoke("run", tmp_path / "bundle", "--task", "naming", "good film", "dull plot", "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -198,4 +198,4 @@ def test_generate_task_trains_exports_and_streams_from_the_command_line(workspac
     result = invoke("run", tmp_path / "bundle", "--task", "naming", "x", "--max-new-tokens", "0")
     assert result.exit_code == 1 and "max_new_tokens must be an integer >= 1" in result.output
     result = invoke("inspect", tmp_path / "bundle")
-    assert result.exit_code == 0 and "generate" in result.stdout and "parity generation graph fp32" in result.stdout
+    assert result.exit_code == 0 and "generate" in result.stdout and "generation graph with KV cache" in result.stdout

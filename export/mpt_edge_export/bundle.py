@@ -48,7 +48,8 @@ class ExportOptions:
     tolerance: float = 1e-3       # fp32 parity: max |onnx − torch| / max(|torch|, 1)
     max_length: int = 128         # longest parity case (tokens)
     overwrite: bool = False
-    kv_cache: bool | None = None  # causal: also write the generation graph (decoder.onnx); None = when a task generates
+    kv_cache: bool | None = None  # causal: export the generation graph (decoder.onnx) instead of the features graph;
+                                  # None = when a task generates or scores whole verbalizer sequences
 
     def __post_init__(self):
         if self.quantize is not None and self.quantize not in transform.INT8_RECIPES:
@@ -96,30 +97,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
     import onnxruntime
     import torch
 
-    graph = folder / fmt.GRAPH
-    wrapper = PromptedFeatures(source.model, source.adapter)
-    vocab = source.backbone["vocab_size"]
-    log(f"exporting the {source.family} graph (opset {options.opset})")
-    export_graph(wrapper, graph, length, dim, vocab, options.opset)
-    args = (wrapper, graph, length, dim, vocab, options.max_length)
-    parity = {"fp32": check_parity(parity_report(*args), options.tolerance)}
-    transforms = {}
-    if options.optimize:
-        log("optimizing with onnxruntime")
-        _replace(graph, lambda dst: transform.optimize(graph, dst))
-        parity["optimized"] = check_parity(parity_report(*args), options.tolerance)
-        transforms["optimize"] = "ORT_ENABLE_EXTENDED"
-    if options.quantize:
-        log(f"quantizing ({options.quantize})")
-        transforms["quantize"] = _replace(graph, lambda dst: transform.quantize_int8(graph, dst, options.quantize))
-        parity["int8"] = parity_report(*args)  # reported, not enforced: int8 is approximate by design
-    if options.dtype == "fp16":
-        log("converting to fp16")
-        _replace(graph, lambda dst: transform.to_fp16(graph, dst))
-        parity["fp16"] = parity_report(*args, dtype=np.float16)  # reported: fp16 rounding is expected
-    decoder = _build_decoder(source, folder, options, length, log) if wants_decoder(source, options) else None
-    if decoder is not None:
-        parity["decoder"] = decoder.pop("parity")
+    graph, parity = _build_graph(source, folder, options, length, dim, log)
     source.tokenizer.save(str(folder / fmt.TOKENIZER))
     tensors = {fmt.shared_key(g): np.ascontiguousarray(p, dtype=np.float32) for g, p in enumerate(source.groups)}
     for task in source.tasks:
@@ -134,9 +112,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
         "format_version": fmt.FORMAT_VERSION,
         "family": source.family,
         "backbone": source.backbone,
-        "graph": {"file": fmt.GRAPH, "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()},
-                  "outputs": list(fmt.GRAPH_OUTPUTS), "opset": options.opset, "dtype": options.dtype, **transforms},
-        **({"decoder": decoder} if decoder is not None else {}),
+        "graph": graph,
         "prompt": {"length": length, "hidden_size": dim, "groups": len(source.groups)},
         "tasks": [t.spec["name"] for t in source.tasks],
         "files": files,
@@ -150,9 +126,53 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
     return manifest
 
 
+def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, length: int, dim: int,
+                 log) -> tuple[dict, dict]:
+    """Export the bundle's one graph (features, or for causal bundles that need it the KV-cache generation
+    graph), apply the transforms, check parity after each; → (manifest "graph" entry, parity reports)."""
+    if wants_decoder(source, options):
+        path = folder / fmt.DECODER_GRAPH
+        log(f"exporting the generation graph with KV cache (opset {options.opset})")
+        export_decoder(source.model, path, options.opset)
+        report = lambda dtype=np.float32: decoder_parity_report(source.model, path, length, options.max_length, dtype)  # noqa: E731
+        entry = {"kind": fmt.DECODER_KIND, "file": path.name, "eos_token_ids": _eos_ids(source.model),
+                 "inputs": {k: list(v.values()) for k, v in fmt.DECODER_INPUTS.items()},
+                 "outputs": list(fmt.DECODER_OUTPUTS)}
+    else:
+        path = folder / fmt.GRAPH
+        wrapper = PromptedFeatures(source.model, source.adapter)
+        vocab = source.backbone["vocab_size"]
+        log(f"exporting the {source.family} graph (opset {options.opset})")
+        export_graph(wrapper, path, length, dim, vocab, options.opset)
+        report = lambda dtype=np.float32: parity_report(wrapper, path, length, dim, vocab, options.max_length, dtype)  # noqa: E731
+        entry = {"kind": fmt.FEATURES_KIND, "file": path.name,
+                 "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()}, "outputs": list(fmt.GRAPH_OUTPUTS)}
+    parity = {"fp32": check_parity(report(), options.tolerance)}
+    transforms = {}
+    if options.optimize:
+        log("optimizing with onnxruntime")
+        _replace(path, lambda dst: transform.optimize(path, dst))
+        parity["optimized"] = check_parity(report(), options.tolerance)
+        transforms["optimize"] = "ORT_ENABLE_EXTENDED"
+    if options.quantize:
+        log(f"quantizing ({options.quantize})")
+        transforms["quantize"] = _replace(path, lambda dst: transform.quantize_int8(path, dst, options.quantize))
+        parity["int8"] = report()  # reported, not enforced: int8 is approximate by design
+    if options.dtype == "fp16":
+        log("converting to fp16")
+        _replace(path, lambda dst: transform.to_fp16(path, dst))
+        parity["fp16"] = report(np.float16)  # reported: fp16 rounding is expected
+    return {**entry, "opset": options.opset, "dtype": options.dtype, **transforms}, parity
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
-    """Whether the bundle gets the generation graph: asked for, or (by default) when a causal task generates or
-    scores whole verbalizer sequences."""
+    """Whether the bundle's graph is the KV-cache generation graph: asked for, or (by default) when a causal
+    task generates or scores whole verbalizer sequences. It serves classification too (features output)."""
     if options.kv_cache and source.family != "causal":
         raise ExportError(f"--kv-cache needs a causal backbone; this one is {source.family}")
     needs = [t.spec["name"] for t in source.tasks
@@ -163,32 +183,6 @@ def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
     if options.kv_cache is not None:
         return options.kv_cache
     return source.family == "causal" and bool(needs)
-
-
-def _build_decoder(source: BundleSource, folder: Path, options: ExportOptions, length: int, log) -> dict:
-    """decoder.onnx with the same transforms as the features graph; its manifest entry, parity included."""
-    graph = folder / fmt.DECODER_GRAPH
-    log(f"exporting the generation graph with KV cache (opset {options.opset})")
-    export_decoder(source.model, graph, options.opset)
-    args = (source.model, graph, length, options.max_length)
-    parity = {"fp32": check_parity(decoder_parity_report(*args), options.tolerance)}
-    transforms = {}
-    if options.optimize:
-        _replace(graph, lambda dst: transform.optimize(graph, dst))
-        parity["optimized"] = check_parity(decoder_parity_report(*args), options.tolerance)
-        transforms["optimize"] = "ORT_ENABLE_EXTENDED"
-    if options.quantize:
-        transforms["quantize"] = _replace(graph, lambda dst: transform.quantize_int8(graph, dst, options.quantize))
-        parity["int8"] = decoder_parity_report(*args)
-    if options.dtype == "fp16":
-        _replace(graph, lambda dst: transform.to_fp16(graph, dst))
-        parity["fp16"] = decoder_parity_report(*args, dtype=np.float16)
-    config = source.model.config
-    eos = getattr(getattr(source.model, "generation_config", None), "eos_token_id", None) or config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return {"file": fmt.DECODER_GRAPH, "inputs": {k: list(v.values()) for k, v in fmt.DECODER_INPUTS.items()},
-            "outputs": list(fmt.DECODER_OUTPUTS), "opset": options.opset, "dtype": options.dtype,
-            "eos_token_ids": eos, **transforms, "parity": parity}
 
 
 def _check_tasks(source: BundleSource, length: int, dim: int) -> None:

@@ -61,12 +61,23 @@ def read_manifest(folder: Path) -> dict:
             "upgrade mpt-edge or re-export the bundle with this version"
         )
     files = manifest.get("files", {})
-    for required in (fmt.GRAPH, fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS):
+    graph = manifest.get("graph") if isinstance(manifest.get("graph"), dict) else {}
+    known = {fmt.FEATURES_KIND: fmt.GRAPH, fmt.DECODER_KIND: fmt.DECODER_GRAPH}
+    kind = graph.get("kind", fmt.FEATURES_KIND)
+    if known.get(kind) != graph.get("file"):
+        raise BundleError(f"{path}: graph {graph.get('file')!r} of kind {kind!r} is not one this runtime serves "
+                          f"({', '.join(f'{k}: {v}' for k, v in known.items())}); re-export the bundle")
+    for required in (graph["file"], fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS):
         if required not in files:
             raise BundleError(f"{path} lists no {required}; the bundle is incomplete, re-export it")
     for name, digest in files.items():
         _verify(folder, name, digest)
     return manifest
+
+
+def graph_kind(manifest: dict) -> str:
+    """"features" or "decoder" (bundles written before generation existed hold the features graph)."""
+    return manifest["graph"].get("kind", fmt.FEATURES_KIND)
 
 
 def file_sha256(path: Path) -> str:
@@ -109,7 +120,7 @@ def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where
     if kind not in ("classify", "generate"):
         raise BundleError(f"{where}: task {name!r} has kind {kind!r}; this runtime serves classify and generate")
     sequences = spec.get("verbalizer_ids") if spec.get("verbalizer_tokens") == "all" else None
-    if (kind == "generate" or sequences is not None) and manifest.get("decoder") is None:
+    if (kind == "generate" or sequences is not None) and graph_kind(manifest) != fmt.DECODER_KIND:
         raise BundleError(f"{where}: task {name!r} {'generates' if kind == 'generate' else 'scores whole verbalizer sequences'}"
                           ", but the bundle has no generation graph; re-export it with `mpt-edge export --kv-cache`")
     try:

@@ -28,7 +28,7 @@ from safetensors.numpy import load as load_tensors
 from tokenizers import Tokenizer
 
 from mpt_edge_runtime import format as fmt
-from mpt_edge_runtime.bundle import TaskEntry, read_manifest, read_tasks, task_entry
+from mpt_edge_runtime.bundle import TaskEntry, graph_kind, read_manifest, read_tasks, task_entry
 from mpt_edge_runtime.errors import BundleError, InputError, UnknownTaskError
 from mpt_edge_runtime.generation import DecoderSession, decode, label_log_probs, prefill, prompt_cache
 from mpt_edge_runtime.sampling import SamplingConfig
@@ -119,7 +119,7 @@ class Engine:
                 raise InputError(f"request {i}: prompt {prefix} + input {len(ids)} + max_new_tokens "
                                  f"{config.max_new_tokens} tokens exceed the backbone's {limit} positions; "
                                  "lower max_new_tokens or the task's max_length")
-        eos = self.manifest.get("decoder", {}).get("eos_token_ids", [])
+        eos = self.manifest["graph"].get("eos_token_ids", [])
         streams = [_TextStream(self.tokenizer, config.stop) for _ in rows]
         steps = decode(self.decoder, [(entry.prompt_kv, ids) for entry, ids in rows], config, eos)
         for tokens in steps:
@@ -296,24 +296,23 @@ def load(bundle: str | Path, device: str = "auto", *, threads: int | None = None
     folder = Path(bundle)
     manifest = read_manifest(folder)
     tasks, groups = read_tasks(folder, manifest)
-    decoder = None
-    if manifest.get("decoder"):  # the generation graph serves every task; the features graph is not opened
-        graph = GraphSession.open(folder / manifest["decoder"]["file"], device, threads)
-        decoder = DecoderSession.open(graph, manifest["prompt"]["hidden_size"])
-        session = None
-    else:
-        session = GraphSession.open(folder / fmt.GRAPH, device, threads)
-        _check_graph(session, manifest, folder)
+    decoder, session = None, GraphSession.open(folder / manifest["graph"]["file"], device, threads)
+    _check_graph(session, manifest, folder)
+    if graph_kind(manifest) == fmt.DECODER_KIND:  # the generation graph serves every task, classify included
+        decoder, session = DecoderSession.open(session, manifest["prompt"]["hidden_size"]), None
     tokenizer = Tokenizer.from_file(str(folder / fmt.TOKENIZER))
     return Engine(session, tokenizer, manifest, tasks, groups, batch_size, decoder)
 
 
 def _check_graph(session: GraphSession, manifest: dict, folder: Path) -> None:
+    path = folder / manifest["graph"]["file"]
     inputs = {i.name: i.shape for i in session.session.get_inputs()}
-    expected = set(fmt.GRAPH_INPUTS)
-    if set(inputs) != expected:
-        raise BundleError(f"{folder / fmt.GRAPH} has inputs {sorted(inputs)}, expected {sorted(expected)}; re-export")
+    decoder = graph_kind(manifest) == fmt.DECODER_KIND
+    expected = set(fmt.DECODER_INPUTS if decoder else fmt.GRAPH_INPUTS)
+    if set(inputs) - {n for n in inputs if decoder and n.startswith("past.")} != expected:
+        raise BundleError(f"{path} has inputs {sorted(inputs)}, expected {sorted(expected)}"
+                          f"{' and past.<i>.key/value' if decoder else ''}; re-export")
     dim = inputs[fmt.PROMPT_EMBEDS][-1]
     if isinstance(dim, int) and dim != manifest["prompt"]["hidden_size"]:
-        raise BundleError(f"{folder / fmt.GRAPH} takes prompts of hidden size {dim}, but {fmt.MANIFEST} says "
+        raise BundleError(f"{path} takes prompts of hidden size {dim}, but {fmt.MANIFEST} says "
                           f"{manifest['prompt']['hidden_size']}; the bundle is inconsistent, re-export it")

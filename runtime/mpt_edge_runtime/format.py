@@ -3,6 +3,7 @@
     manifest.json        format_version, family, backbone facts, graph (file, inputs, outputs, opset, dtype),
                          prompt (length, hidden_size), sha256 of every file, tool versions, parity report
     model.onnx[.data]    the backbone graph: (input_ids, attention_mask, prompt_embeds) → features
+    decoder.onnx         instead of model.onnx for causal bundles with generation: one step with a KV cache
     tokenizer.json       a `tokenizers` file
     prompts.safetensors  groups.<g>.shared (l, d); tasks.<name>.u (l, r), .v (r, d), .head.weight (C, d), .head.bias (C,)
     tasks.json           {"tasks": [{name, kind, labels, template, verbalizers, group, max_length}, ...]}
@@ -35,7 +36,10 @@ def task_key(task: str, part: str) -> str:
     """part: "u", "v", "head.weight" or "head.bias"."""
     return f"tasks.{task}.{part}"
 
-# The causal generation graph (optional, `decoder.onnx`): one step with a KV cache; see mpt_edge_export.decoder.
+# A bundle holds one graph; manifest["graph"]["kind"] says which (bundles without "kind" hold the features graph).
+FEATURES_KIND, DECODER_KIND = "features", "decoder"
+
+# The causal generation graph (`decoder.onnx`): one step with a KV cache; see mpt_edge_export.decoder.
 DECODER_GRAPH = "decoder.onnx"
 POSITION_IDS, LOGITS = "position_ids", "logits"
 DECODER_INPUTS = {
