@@ -43,7 +43,8 @@ from finetune import finetune_run
 
 HERE = Path(__file__).parent
 METHODS = ("baseline", "pt", "spot", "mpt-full", "mpt-factors", "finetune")
-BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "full": ("full.toml", "full-minilm.toml")}
+BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "medium": ("medium.toml", "medium-minilm.toml"),
+           "full": ("full.toml", "full-minilm.toml")}
 # optional suite keys: ablations reuse another suite's stages ("teachers_from", "source_from": a suite name)
 DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9, "lr_factors": TrainConfig.lr_factors,
             "teachers_from": None, "source_from": None}
@@ -243,11 +244,11 @@ def run_suite(suite: dict, work_root: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suites", type=Path, nargs="*", help="suite TOML files (default: those of --budget)")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), help="small: about an hour on 2 CPU cores; full: hours or a GPU")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), help="small: under an hour on 2 CPU cores; medium: two targets, ~2 h; full: hours or a GPU")
     parser.add_argument("--work", type=Path, default=HERE / "results" / "work" / "quality")
     args = parser.parse_args()
     if bool(args.suites) == bool(args.budget):
-        parser.error("give suite files or --budget small|full (one of the two)")
+        parser.error("give suite files or --budget (one of the two)")
     paths = args.suites or [HERE / "suites" / name for name in BUDGETS[args.budget]]
     for suite in [read_suite(p) for p in paths]:
         run_suite(suite, args.work)
