@@ -342,4 +342,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-from mpt_edge import cli_bundle  # noqa: E402,F401  (registers export, run, inspect on `app`)
+from mpt_edge import cli_bundle, cli_peft  # noqa: E402,F401  (register export, run, inspect, import-peft, export-peft)
