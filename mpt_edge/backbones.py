@@ -44,8 +44,8 @@ class Backbone:
     """A loaded, frozen backbone: float32, eval mode, no parameter requires grad."""
 
     name: str
-    family: str  # "causal" | "encoder" (mpt_edge_export.families)
-    model: torch.nn.Module  # causal: AutoModelForCausalLM; encoder: bare AutoModel (no task head)
+    family: str  # "causal" | "encoder" | "seq2seq" (mpt_edge_export.families)
+    model: torch.nn.Module  # causal: AutoModelForCausalLM; seq2seq: AutoModelForSeq2SeqLM; encoder: bare AutoModel
     tokenizer: tokenizers.Tokenizer  # from the folder's tokenizer.json; the runtime uses the same file
     path: Path  # the Hugging Face folder it was loaded from
 
@@ -116,7 +116,7 @@ def describe(backbone: Backbone) -> dict:
 
 def _load_folder(name: str, path: Path) -> Backbone:
     """Load a Hugging Face folder as a frozen float32 backbone of the family its model_type implies."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     for required in ("config.json", "tokenizer.json"):
         if not (path / required).is_file():
@@ -130,7 +130,7 @@ def _load_folder(name: str, path: Path) -> Backbone:
         family = family_for_model_type(config.model_type)
     except UnsupportedBackboneError as err:
         raise BackboneError(f"cannot use the backbone in {path}: {err}") from err
-    auto = AutoModelForCausalLM if family == "causal" else AutoModel
+    auto = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(family, AutoModel)
     model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     model.eval().requires_grad_(False)
     tokenizer = plain_tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))

@@ -111,9 +111,9 @@ def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: i
 
 
 def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """Causal backbones without any prompt: verbalizer scoring of the template alone."""
-    if backbone.family != "causal":
-        raise ValueError("zero-shot needs a causal backbone (verbalizer scoring); encoder heads must be trained: "
+    """Causal and seq2seq backbones without any prompt: verbalizer scoring of the template alone."""
+    if backbone.family == "encoder":
+        raise ValueError("zero-shot needs a causal or seq2seq backbone (verbalizer scoring); encoder heads must be trained: "
                          "use `mpt-edge train target --method head`")
     classifier = classifier_for(backbone, [t.spec for t in tasks], None)
     return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model)),

@@ -56,11 +56,13 @@ def hidden_distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torc
 
 
 def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hidden, mask,
-                      config: DistillConfig, answers: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      config: DistillConfig, answers: tuple | None = None,
+                      decoder: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """λ (L_logits + L_hidden) and its parts for logging. `student_logits`/`teacher_logits` are the label
     logits (B_c, C) of classify rows; `answers` = (student (N, V), teacher (N, V), share of generate rows)
     adds the KL of the output distributions at the answer positions, each part weighted by its row share.
-    The hidden MSE reads `mask` (B, n): the input positions."""
+    The hidden MSE reads `mask` (B, n): the input positions. Encoder-decoder backbones add the decoder's:
+    `decoder` = (student (B, m, d), teacher (B, m, d), mask (B, m)), as in the paper's appendix."""
     share = 1.0 - (answers[2] if answers is not None else 0.0)
     kl = student_logits.new_zeros(())
     if share > 0 and student_logits.shape[0]:
@@ -68,4 +70,6 @@ def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hi
     if answers is not None and answers[0].shape[0]:
         kl = kl + answers[2] * logits_distillation(answers[0], answers[1], config.temperature)
     mse = hidden_distillation(student_hidden, teacher_hidden, mask)
+    if decoder is not None:
+        mse = mse + hidden_distillation(*decoder)
     return config.weight * (kl + mse), {"kl": kl.item(), "mse": mse.item()}

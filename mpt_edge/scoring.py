@@ -1,7 +1,7 @@
-"""From a frozen backbone plus a prompt to per-task label logits (both families).
+"""From a frozen backbone plus a prompt to per-task label logits (every family).
 
-Causal backbones score each label's verbalizer token with the output embedding rows; encoder backbones
-put pooled features through per-task heads (`mpt_edge.heads.TaskHeads`).
+Causal and seq2seq backbones score each label's verbalizer token with the output embedding rows; encoder
+backbones put pooled features through per-task heads (`mpt_edge.heads.TaskHeads`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Classifier:
         """prompts (B, l, d) or None → logits (B, C_max) and the family output (features, hidden).
         Generate rows get only masked label slots; their scores come from `answers`. Rows of tasks with
         whole-sequence verbalizers get summed label log-probabilities (one more forward, C rows per row)."""
-        out = self.adapter.forward(self.model, prompts, batch.input_ids, batch.attention_mask)
+        out = self.adapter.forward(self.model, prompts, batch.input_ids, batch.attention_mask, batch.target_mask)
         logits = self.scorer(out.features, batch.task_ids)
         if self.sequences is not None:
             rows = self.sequences.tasks[batch.task_ids].nonzero()[:, 0]
@@ -125,4 +125,4 @@ class Classifier:
 
     def answers(self, out: PromptedOutput, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate rows: logits (N, V) at the positions that predict their N target tokens, and the tokens (N,)."""
-        return self.adapter.answer_logits(self.model, out.hidden, batch.input_ids, batch.target_mask)
+        return self.adapter.answer_logits(self.model, out, batch.input_ids, batch.target_mask)

@@ -29,9 +29,9 @@ SHARED_INITS = ("teachers", "vocab", "random", "text")
 
 
 def classifier_for(backbone, specs, heads: TaskHeads | None, pooling: str = "mean") -> Classifier:
-    """Backbone + family adapter + the family's scorer (verbalizers for causal, heads for encoder)."""
-    if backbone.family != "causal" and any(s.kind == "generate" or s.verbalizer_tokens == "all" for s in specs):
-        raise TaskError(f"generate tasks and whole-sequence verbalizers need a causal backbone; "
+    """Backbone + family adapter + the family's scorer (verbalizers for causal/seq2seq, heads for encoder)."""
+    if backbone.family == "encoder" and any(s.kind == "generate" or s.verbalizer_tokens == "all" for s in specs):
+        raise TaskError(f"generate tasks and whole-sequence verbalizers need a causal or seq2seq backbone; "
                         f"{backbone.name!r} is {backbone.family}")
     if backbone.family == "encoder":
         if heads is None:
@@ -65,7 +65,7 @@ def prompt_tuning(stage: str, backbone, encoded: Sequence[EncodedTask], config: 
 def head_only(backbone, encoded: Sequence[EncodedTask], config: TrainConfig, pooling: str = "mean") -> Plan:
     """Encoder baseline: no prompt, only the per-task heads train."""
     if backbone.family != "encoder":
-        raise TaskError("the causal family has no head to train; its no-prompt baseline is zero-shot: "
+        raise TaskError(f"the {backbone.family} family has no head to train; its no-prompt baseline is zero-shot: "
                         "`mpt-edge eval --zero-shot`")
     generator = torch.Generator().manual_seed(config.seed)
     specs = [e.spec for e in encoded]
@@ -165,8 +165,10 @@ def distilled_loss(student: Classifier, prompt: MultitaskPrompt, teacher: Classi
         ce = batch_task_loss(logits, batch, answers)
         classify = batch.labels >= 0
         answer_parts = (answers[0], teacher_answers[0], float((~classify).float().mean())) if generating else None
+        decoder = ((out.decoder_hidden, teacher_out.decoder_hidden, out.decoder_mask)
+                   if out.decoder_hidden is not None else None)
         extra, parts = distillation_loss(logits[classify], teacher_logits[classify], out.hidden, teacher_out.hidden,
-                                         batch.input_mask, distill, answer_parts)
+                                         batch.input_mask, distill, answer_parts, decoder)
         return ce + extra, {"ce": ce.item(), **parts}
 
     return loss_fn

@@ -13,7 +13,7 @@ import torch
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from mpt_edge.backbones import Backbone
 from mpt_edge.tasks import Example, TaskData, TaskSpec
@@ -54,6 +54,21 @@ def tiny_bert_backbone() -> Backbone:
                         num_attention_heads=4, max_position_embeddings=128, initializer_range=0.3)
     model = BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)
     return Backbone("tiny-bert", "encoder", model, make_tokenizer(bert=True), None)
+
+
+def tiny_t5_backbone(tied: bool = True) -> Backbone:
+    """Tied embeddings scale decoder outputs by d^-0.5 (T5 v1.0); untied ones do not (T5 v1.1, Flan-T5)."""
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0, initializer_factor=1.5,
+                      tie_word_embeddings=tied, feed_forward_proj="relu" if tied else "gated-gelu")
+    model = T5ForConditionalGeneration(config).eval().requires_grad_(False)
+    return Backbone("tiny-t5", "seq2seq", model, make_tokenizer(bert=False), None)
+
+
+@pytest.fixture
+def t5():
+    return tiny_t5_backbone()
 
 
 @pytest.fixture

@@ -80,7 +80,8 @@ def test_causal_scores_the_verbalizer_tokens_with_the_output_embeddings(llama):
 
 def test_family_lookup_and_errors():
     assert family_for_model_type("llama") == "causal" and family_for_model_type("bert") == "encoder"
-    with pytest.raises(UnsupportedBackboneError, match="t5"):
-        family_for_model_type("t5")
+    assert family_for_model_type("t5") == "seq2seq"
+    with pytest.raises(UnsupportedBackboneError, match="bart.*seq2seq \\['mt5', 't5'\\]"):
+        family_for_model_type("bart")
     with pytest.raises(ValueError, match="pooling"):
         adapter_for("encoder", pooling="max")

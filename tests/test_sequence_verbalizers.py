@@ -83,5 +83,5 @@ def test_training_and_the_runtime_agree_on_whole_sequence_labels(llama, tmp_path
 
 
 def test_encoders_refuse_whole_sequence_verbalizers(bert):
-    with pytest.raises(TaskError, match="causal backbone"):
+    with pytest.raises(TaskError, match="causal or seq2seq backbone"):
         stages.classifier_for(bert, [SPEC], None)

@@ -177,6 +177,10 @@ def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
         raise ExportError(f"--kv-cache needs a causal backbone; this one is {source.family}")
     needs = [t.spec["name"] for t in source.tasks
              if t.spec.get("kind") == "generate" or t.spec.get("verbalizer_tokens") == "all"]
+    if needs and source.family == "seq2seq":
+        raise ExportError(f"task(s) {needs} generate or score whole verbalizer sequences; seq2seq bundles serve "
+                          "classify tasks with first-token verbalizers so far (the encoder + KV-cache decoder export "
+                          "is not built yet). Train and evaluate them with PyTorch: `mpt-edge eval`")
     if options.kv_cache is False and needs:
         raise ExportError(f"task(s) {needs} generate or score whole verbalizer sequences and need the generation "
                           "graph; drop --no-kv-cache")

@@ -19,10 +19,13 @@ class PromptedOutput:
     features: (B, d) one vector per row that label scoring reads (family-specific).
     hidden:   (B, n, d) last hidden states at the input token positions (prompt positions removed),
               used by hidden-state distillation together with the input attention mask.
+    decoder_hidden, decoder_mask: (B, m, d), (B, m) the decoder's last hidden states (seq2seq only).
     """
 
     features: torch.Tensor
     hidden: torch.Tensor
+    decoder_hidden: torch.Tensor | None = None
+    decoder_mask: torch.Tensor | None = None
 
 
 def hidden_size(model: nn.Module) -> int:

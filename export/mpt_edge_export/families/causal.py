@@ -20,8 +20,9 @@ class CausalAdapter:
     name: str = "causal"
 
     def forward(self, model: nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> PromptedOutput:
-        """prompt (B, l, d) or None, input_ids/attention_mask (B, n), right-padded → PromptedOutput."""
+                attention_mask: torch.Tensor, target_mask: torch.Tensor | None = None) -> PromptedOutput:
+        """prompt (B, l, d) or None, input_ids/attention_mask (B, n), right-padded → PromptedOutput.
+        Targets stay in the row (teacher forcing in one sequence), so `target_mask` is not needed here."""
         embeds, mask = prompted_inputs(model, prompt, input_ids, attention_mask)
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         prompt_len = hidden.shape[1] - input_ids.shape[1]
@@ -29,15 +30,15 @@ class CausalAdapter:
         features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return PromptedOutput(features=features, hidden=hidden[:, prompt_len:])
 
-    def answer_logits(self, model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+    def answer_logits(self, model: nn.Module, out: PromptedOutput, input_ids: torch.Tensor,
                       target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-vocabulary logits at the positions that predict target tokens, and those tokens.
 
-        hidden (B, n, d) at the input positions, input_ids and target_mask (B, n) → (N, V), (N,) for the
+        out.hidden (B, n, d) at the input positions, input_ids and target_mask (B, n) → (N, V), (N,) for the
         N target tokens of the batch (position j predicts token j + 1).
         """
         predicts = target_mask[:, 1:]
-        return model.get_output_embeddings()(hidden[:, :-1][predicts]), input_ids[:, 1:][predicts]
+        return model.get_output_embeddings()(out.hidden[:, :-1][predicts]), input_ids[:, 1:][predicts]
 
     def sequence_log_probs(self, model: nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor, label_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ class EncoderAdapter:
             raise ValueError(f"pooling {self.pooling!r} is not supported; allowed: {', '.join(POOLINGS)}")
 
     def forward(self, model: nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> PromptedOutput:
+                attention_mask: torch.Tensor, target_mask: torch.Tensor | None = None) -> PromptedOutput:
         """prompt (B, l, d) or None, input_ids/attention_mask (B, n) → PromptedOutput (features pooled)."""
         embeds, mask = prompted_inputs(model, prompt, input_ids, attention_mask)
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
