@@ -28,7 +28,7 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
-    kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal: export the generation graph with KV cache (decoder.onnx) instead of the features graph; it serves classify too, from each task's cached prompt KV. Default: when a task generates or scores whole verbalizer sequences.")] = None,
+    kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal and seq2seq: export the generation graph(s) with KV cache instead of the features graph; they serve classify too. Default: when a task generates or scores whole verbalizer sequences.")] = None,
     data: DataDir = None,
     eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare int8 with fp32 (0: skip).")] = 200,
 ):
@@ -49,7 +49,8 @@ def export_command(
     manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
     parity = manifest["parity"]
     graph = manifest["graph"]
-    kind = "generation graph with KV cache" if graph.get("kind") == "decoder" else "features graph"
+    kind = {"decoder": "generation graph with KV cache", "seq2seq": "encoder + step-0 graph (with the KV-cache step "
+            "graph decoder.onnx)"}.get(graph.get("kind"), "features graph")
     typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), {kind} {graph['file']} "
                f"{manifest['files'][graph['file']][:12]}…, fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e} "
                f"over {len(parity['fp32']['cases'])} shapes")
@@ -195,6 +196,9 @@ def inspect_command(
     typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest["files"]))
     if g.get("kind") == "decoder":
         typer.echo(f"generation graph with KV cache: {g['file']}, eos ids {g['eos_token_ids']}")
+    elif g.get("kind") == "seq2seq":
+        typer.echo(f"seq2seq generation graphs: {g['file']} (encoder + decoder step 0, cross-attention KV), "
+                   f"{g['decoder_file']} (one decoder step with KV cache), eos ids {g['eos_token_ids']}")
     typer.echo(f"{'task':<22} {'kind':>8} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
     for spec in tasks:
         parts = [tensors[f"tasks.{spec['name']}.{k}"] for k in ("u", "v", "head.weight", "head.bias")]

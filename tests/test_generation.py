@@ -183,7 +183,7 @@ def test_engine_stop_strings_end_the_text_before_them(bundle):
 def test_engine_classifies_from_the_cached_prompt_like_the_features_graph(bundle, tmp_path):
     backbone, out, _ = bundle
     engine = load(out, "cpu")
-    assert engine.decoder is not None and engine.task("mood").prompt_kv
+    assert engine.decoder is not None and engine.task("mood").prefix
     texts = ["the film was good", "awful", "a very dull story"]
     predictions = engine.classify("mood", texts)
     prompt = composed(backbone, out, "mood")

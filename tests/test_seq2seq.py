@@ -18,7 +18,7 @@ from mpt_edge.scoring import verbalizer_ids
 from mpt_edge.tasks import TaskSpec
 from mpt_edge.train import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportError, write_bundle
+from mpt_edge_export.bundle import ExportError, ExportOptions, write_bundle
 from test_generate_training import naming_task
 import mpt_edge_runtime as mer
 from test_cli import workspace  # noqa: F401  (fixture: task folders)
@@ -127,12 +127,12 @@ def test_export_and_runtime_classify_like_pytorch(t5, tmp_path):
         np.testing.assert_allclose(probabilities, torch.softmax(logits[:, :len(SPECS[name].labels)], -1).numpy(), atol=1e-4)
 
 
-def test_generation_export_is_refused_with_the_reason(t5, tmp_path):
+def test_generate_tasks_need_the_generation_graphs(t5, tmp_path):
     encoded = encode_tasks([naming_task(8)], t5.tokenizer, 24, eos_id(t5.model))
     fit(stages.prompt_tuning("pt", t5, encoded, CFG, PromptConfig(length=3)), encoded, CFG, tmp_path / "pt",
         progress=False)
-    with pytest.raises(ExportError, match=r"\['naming'\] generate .* seq2seq bundles serve classify tasks"):
-        write_bundle(bundle_source(load_trained(tmp_path / "pt"), t5), tmp_path / "bundle")
+    with pytest.raises(ExportError, match=r"\['naming'\] generate .* drop --no-kv-cache"):
+        write_bundle(bundle_source(load_trained(tmp_path / "pt"), t5), tmp_path / "bundle", ExportOptions(kv_cache=False))
     assert not (tmp_path / "bundle").exists()
 
 

@@ -19,6 +19,7 @@ from mpt_edge_export import transform
 from mpt_edge_export.decoder import decoder_parity_report, export_decoder
 from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
 from mpt_edge_export.parity import check_parity, parity_report
+from mpt_edge_export.seq2seq_graphs import export_seq2seq, seq2seq_parity_report
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256
 
@@ -48,7 +49,7 @@ class ExportOptions:
     tolerance: float = 1e-3       # fp32 parity: max |onnx − torch| / max(|torch|, 1)
     max_length: int = 128         # longest parity case (tokens)
     overwrite: bool = False
-    kv_cache: bool | None = None  # causal: export the generation graph (decoder.onnx) instead of the features graph;
+    kv_cache: bool | None = None  # causal/seq2seq: export the generation graph(s) instead of the features graph;
                                   # None = when a task generates or scores whole verbalizer sequences
 
     def __post_init__(self):
@@ -128,10 +129,22 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
 
 def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, length: int, dim: int,
                  log) -> tuple[dict, dict]:
-    """Export the bundle's one graph (features, or for causal bundles that need it the KV-cache generation
-    graph), apply the transforms, check parity after each; → (manifest "graph" entry, parity reports)."""
-    if wants_decoder(source, options):
+    """Export the bundle's graph (features; for causal bundles that need it the KV-cache generation graph; for
+    seq2seq ones the encoder + decoder-step pair), apply the transforms to every file, check parity after each;
+    → (manifest "graph" entry, parity reports)."""
+    if wants_decoder(source, options) and source.family == "seq2seq":
+        prefill, step = folder / fmt.ENCODER_GRAPH, folder / fmt.DECODER_GRAPH
+        paths = [prefill, step]
+        log(f"exporting the seq2seq generation graphs: encoder + step 0, decoder step with KV cache (opset {options.opset})")
+        export_seq2seq(source.model, prefill, step, options.opset)
+        report = lambda dtype=np.float32: seq2seq_parity_report(source.model, prefill, step, length, options.max_length, dtype)  # noqa: E731
+        entry = {"kind": fmt.SEQ2SEQ_KIND, "file": prefill.name, "decoder_file": step.name,
+                 "eos_token_ids": _eos_ids(source.model), "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()},
+                 "decoder_inputs": {k: list(v.values()) for k, v in fmt.SEQ2SEQ_STEP_INPUTS.items()},
+                 "outputs": list(fmt.DECODER_OUTPUTS)}
+    elif wants_decoder(source, options):
         path = folder / fmt.DECODER_GRAPH
+        paths = [path]
         log(f"exporting the generation graph with KV cache (opset {options.opset})")
         export_decoder(source.model, path, options.opset)
         report = lambda dtype=np.float32: decoder_parity_report(source.model, path, length, options.max_length, dtype)  # noqa: E731
@@ -140,6 +153,7 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
                  "outputs": list(fmt.DECODER_OUTPUTS)}
     else:
         path = folder / fmt.GRAPH
+        paths = [path]
         wrapper = PromptedFeatures(source.model, source.adapter)
         vocab = source.backbone["vocab_size"]
         log(f"exporting the {source.family} graph (opset {options.opset})")
@@ -151,16 +165,19 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     transforms = {}
     if options.optimize:
         log("optimizing with onnxruntime")
-        _replace(path, lambda dst: transform.optimize(path, dst))
+        for path in paths:
+            _replace(path, lambda dst: transform.optimize(path, dst))
         parity["optimized"] = check_parity(report(), options.tolerance)
         transforms["optimize"] = "ORT_ENABLE_EXTENDED"
     if options.quantize:
         log(f"quantizing ({options.quantize})")
-        transforms["quantize"] = _replace(path, lambda dst: transform.quantize_int8(path, dst, options.quantize))
+        for path in paths:
+            transforms["quantize"] = _replace(path, lambda dst: transform.quantize_int8(path, dst, options.quantize))
         parity["int8"] = report()  # reported, not enforced: int8 is approximate by design
     if options.dtype == "fp16":
         log("converting to fp16")
-        _replace(path, lambda dst: transform.to_fp16(path, dst))
+        for path in paths:
+            _replace(path, lambda dst: transform.to_fp16(path, dst))
         parity["fp16"] = report(np.float16)  # reported: fp16 rounding is expected
     return {**entry, "opset": options.opset, "dtype": options.dtype, **transforms}, parity
 
@@ -171,22 +188,18 @@ def _eos_ids(model) -> list[int]:
 
 
 def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
-    """Whether the bundle's graph is the KV-cache generation graph: asked for, or (by default) when a causal
-    task generates or scores whole verbalizer sequences. It serves classification too (features output)."""
-    if options.kv_cache and source.family != "causal":
-        raise ExportError(f"--kv-cache needs a causal backbone; this one is {source.family}")
+    """Whether the bundle holds the KV-cache generation graph(s): asked for, or (by default) when a causal or
+    seq2seq task generates or scores whole verbalizer sequences. They serve classification too (features output)."""
+    if options.kv_cache and source.family == "encoder":
+        raise ExportError(f"--kv-cache needs a causal or seq2seq backbone; this one is {source.family}")
     needs = [t.spec["name"] for t in source.tasks
              if t.spec.get("kind") == "generate" or t.spec.get("verbalizer_tokens") == "all"]
-    if needs and source.family == "seq2seq":
-        raise ExportError(f"task(s) {needs} generate or score whole verbalizer sequences; seq2seq bundles serve "
-                          "classify tasks with first-token verbalizers so far (the encoder + KV-cache decoder export "
-                          "is not built yet). Train and evaluate them with PyTorch: `mpt-edge eval`")
     if options.kv_cache is False and needs:
         raise ExportError(f"task(s) {needs} generate or score whole verbalizer sequences and need the generation "
                           "graph; drop --no-kv-cache")
     if options.kv_cache is not None:
         return options.kv_cache
-    return source.family == "causal" and bool(needs)
+    return source.family != "encoder" and bool(needs)
 
 
 def _check_tasks(source: BundleSource, length: int, dim: int) -> None:

@@ -22,7 +22,8 @@ class TaskEntry:
     """A servable task: its kind, text template, labels, and the composed prompt and head.
 
     prompt (l, d) float32; head_weight (C, d) and head_bias (C,): logits = features @ head_weightᵀ + head_bias
-    (generate tasks have C = 0). prompt_kv: the prompt's KV cache when the bundle has a generation graph.
+    (generate tasks have C = 0). prefix: what every request of the task starts from when the bundle has
+    generation graphs: the prompt's KV cache (causal), or the prompt itself (seq2seq: the encoder is bidirectional).
     """
 
     name: str
@@ -33,7 +34,7 @@ class TaskEntry:
     head_weight: np.ndarray
     head_bias: np.ndarray
     kind: str = "classify"
-    prompt_kv: tuple = ()
+    prefix: object = None
     label_tokens: tuple = ()   # whole-sequence verbalizers: one token-id tuple per label (scored by the decoder)
 
 
@@ -62,12 +63,14 @@ def read_manifest(folder: Path) -> dict:
         )
     files = manifest.get("files", {})
     graph = manifest.get("graph") if isinstance(manifest.get("graph"), dict) else {}
-    known = {fmt.FEATURES_KIND: fmt.GRAPH, fmt.DECODER_KIND: fmt.DECODER_GRAPH}
+    known = {fmt.FEATURES_KIND: fmt.GRAPH, fmt.DECODER_KIND: fmt.DECODER_GRAPH, fmt.SEQ2SEQ_KIND: fmt.ENCODER_GRAPH}
     kind = graph.get("kind", fmt.FEATURES_KIND)
-    if known.get(kind) != graph.get("file"):
+    if known.get(kind) != graph.get("file") or (kind == fmt.SEQ2SEQ_KIND and graph.get("decoder_file") != fmt.DECODER_GRAPH):
         raise BundleError(f"{path}: graph {graph.get('file')!r} of kind {kind!r} is not one this runtime serves "
-                          f"({', '.join(f'{k}: {v}' for k, v in known.items())}); re-export the bundle")
-    for required in (graph["file"], fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS):
+                          f"({', '.join(f'{k}: {v}' for k, v in known.items())}, seq2seq with {fmt.DECODER_GRAPH}); "
+                          "re-export the bundle")
+    graphs = [graph["file"]] + ([graph["decoder_file"]] if kind == fmt.SEQ2SEQ_KIND else [])
+    for required in (*graphs, fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS):
         if required not in files:
             raise BundleError(f"{path} lists no {required}; the bundle is incomplete, re-export it")
     for name, digest in files.items():
@@ -76,7 +79,7 @@ def read_manifest(folder: Path) -> dict:
 
 
 def graph_kind(manifest: dict) -> str:
-    """"features" or "decoder" (bundles written before generation existed hold the features graph)."""
+    """"features", "decoder" or "seq2seq" (bundles written before generation existed hold the features graph)."""
     return manifest["graph"].get("kind", fmt.FEATURES_KIND)
 
 
@@ -120,7 +123,7 @@ def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where
     if kind not in ("classify", "generate"):
         raise BundleError(f"{where}: task {name!r} has kind {kind!r}; this runtime serves classify and generate")
     sequences = spec.get("verbalizer_ids") if spec.get("verbalizer_tokens") == "all" else None
-    if (kind == "generate" or sequences is not None) and graph_kind(manifest) != fmt.DECODER_KIND:
+    if (kind == "generate" or sequences is not None) and graph_kind(manifest) == fmt.FEATURES_KIND:
         raise BundleError(f"{where}: task {name!r} {'generates' if kind == 'generate' else 'scores whole verbalizer sequences'}"
                           ", but the bundle has no generation graph; re-export it with `mpt-edge export --kv-cache`")
     try:

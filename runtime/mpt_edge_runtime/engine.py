@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import TaskEntry, graph_kind, read_manifest, read_tasks, task_entry
 from mpt_edge_runtime.errors import BundleError, InputError, UnknownTaskError
-from mpt_edge_runtime.generation import DecoderSession, decode, label_log_probs, prefill, prompt_cache
+from mpt_edge_runtime.generation import DecoderSession, Seq2SeqSession, decode, label_log_probs
 from mpt_edge_runtime.sampling import SamplingConfig
 from mpt_edge_runtime.session import GraphSession
 from mpt_edge_runtime.text import encode_example, plain_tokenizer, special_tokens
@@ -50,7 +50,8 @@ class Engine:
     """Serves every task of a bundle from one onnxruntime session."""
 
     def __init__(self, session: GraphSession | None, tokenizer: Tokenizer, manifest: dict, tasks: Iterable[TaskEntry],
-                 groups: dict[str, np.ndarray], batch_size: int = 32, decoder: DecoderSession | None = None):
+                 groups: dict[str, np.ndarray], batch_size: int = 32,
+                 decoder: DecoderSession | Seq2SeqSession | None = None):
         self.session, self.tokenizer, self.manifest = session, plain_tokenizer(tokenizer), manifest
         self.groups = groups
         self.batch_size = batch_size
@@ -110,7 +111,7 @@ class Engine:
         config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop)
         if self.decoder is None:
             raise BundleError("this bundle has no generation graph; re-export it with `mpt-edge export --kv-cache` "
-                              "(causal backbones only)")
+                              "(causal and seq2seq backbones)")
         rows = self._encode(requests, kind="generate")
         limit = self.manifest["backbone"].get("max_positions")
         prefix = self.manifest["prompt"]["length"]
@@ -121,7 +122,7 @@ class Engine:
                                  "lower max_new_tokens or the task's max_length")
         eos = self.manifest["graph"].get("eos_token_ids", [])
         streams = [_TextStream(self.tokenizer, config.stop) for _ in rows]
-        steps = decode(self.decoder, [(entry.prompt_kv, ids) for entry, ids in rows], config, eos)
+        steps = decode(self.decoder, [(entry.prefix, ids) for entry, ids in rows], config, eos)
         for tokens in steps:
             for i, token in enumerate(tokens):
                 if not streams[i].done:
@@ -172,18 +173,18 @@ class Engine:
         return rows
 
     def _ready(self, entry: TaskEntry) -> TaskEntry:
-        """With a generation graph: the task with its prompt KV computed (once, here)."""
+        """With generation graphs: the task with its request prefix (causal: the prompt KV) computed once, here."""
         if self.decoder is None:
             return entry
-        return replace(entry, prompt_kv=prompt_cache(self.decoder, entry.prompt))
+        return replace(entry, prefix=self.decoder.prefix(entry.prompt))
 
     def _forward(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[Prediction]:
-        if self.decoder is not None:  # from each task's cached prompt KV: the prompt does not run again
-            _, features, *_ = prefill(self.decoder, [(entry.prompt_kv, ids) for entry, ids in rows])
+        if self.decoder is not None:  # causal: from each task's cached prompt KV, the prompt does not run again
+            _, features, _ = self.decoder.start([(entry.prefix, ids) for entry, ids in rows])
             predictions = [_predict(entry, row) for (entry, _), row in zip(rows, features)]
             whole = [i for i, (entry, _) in enumerate(rows) if entry.label_tokens]
             if whole:  # whole-sequence verbalizers: label log-probabilities replace the head's logits
-                scores = label_log_probs(self.decoder, [(rows[i][0].prompt_kv, rows[i][1], rows[i][0].label_tokens)
+                scores = label_log_probs(self.decoder, [(rows[i][0].prefix, rows[i][1], rows[i][0].label_tokens)
                                                         for i in whole])
                 for i, logits in zip(whole, scores):
                     predictions[i] = _from_logits(rows[i][0], logits)
@@ -300,8 +301,20 @@ def load(bundle: str | Path, device: str = "auto", *, threads: int | None = None
     _check_graph(session, manifest, folder)
     if graph_kind(manifest) == fmt.DECODER_KIND:  # the generation graph serves every task, classify included
         decoder, session = DecoderSession.open(session, manifest["prompt"]["hidden_size"]), None
+    elif graph_kind(manifest) == fmt.SEQ2SEQ_KIND:
+        step = GraphSession.open(folder / manifest["graph"]["decoder_file"], device, threads)
+        _check_step_graph(step, folder / manifest["graph"]["decoder_file"])
+        decoder, session = Seq2SeqSession.open(session, step), None
     tokenizer = Tokenizer.from_file(str(folder / fmt.TOKENIZER))
     return Engine(session, tokenizer, manifest, tasks, groups, batch_size, decoder)
+
+
+def _check_step_graph(step: GraphSession, path: Path) -> None:
+    names = {i.name for i in step.session.get_inputs()}
+    cached = {n for n in names if n.startswith(("past.", "cross."))}
+    if names - cached != set(fmt.SEQ2SEQ_STEP_INPUTS) or not cached:
+        raise BundleError(f"{path} has inputs {sorted(names)}, expected {sorted(fmt.SEQ2SEQ_STEP_INPUTS)} and "
+                          "past.<i>.key/value, cross.<i>.key/value; re-export")
 
 
 def _check_graph(session: GraphSession, manifest: dict, folder: Path) -> None:

@@ -4,6 +4,7 @@
                          prompt (length, hidden_size), sha256 of every file, tool versions, parity report
     model.onnx[.data]    the backbone graph: (input_ids, attention_mask, prompt_embeds) → features
     decoder.onnx         instead of model.onnx for causal bundles with generation: one step with a KV cache
+    encoder.onnx         seq2seq bundles with generation: encoder + decoder step 0 (with decoder.onnx: one step)
     tokenizer.json       a `tokenizers` file
     prompts.safetensors  groups.<g>.shared (l, d); tasks.<name>.u (l, r), .v (r, d), .head.weight (C, d), .head.bias (C,)
     tasks.json           {"tasks": [{name, kind, labels, template, verbalizers, group, max_length}, ...]}
@@ -58,3 +59,19 @@ def past_name(layer: int, part: str) -> str:
 
 def present_name(layer: int, part: str) -> str:
     return f"present.{layer}.{part}"
+
+
+# The seq2seq generation graphs (mpt_edge_export.seq2seq_graphs): `encoder.onnx` runs the encoder over
+# [prompt | input] and decoder step 0 (graph "file"); `decoder.onnx` is one decode step (graph "decoder_file").
+SEQ2SEQ_KIND = "seq2seq"
+ENCODER_GRAPH = "encoder.onnx"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+SEQ2SEQ_STEP_INPUTS = {
+    INPUT_IDS: {0: "batch", 1: "sequence"},
+    ENCODER_ATTENTION_MASK: {0: "batch", 1: "encoder"},
+}
+
+
+def cross_name(layer: int, part: str) -> str:
+    """The cross-attention KV of decoder layer `layer`; part: "key" or "value"."""
+    return f"cross.{layer}.{part}"

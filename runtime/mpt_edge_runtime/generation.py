@@ -1,12 +1,17 @@
-"""Batched generation on the KV-cache graph (`decoder.onnx`): every row starts from its task's prompt KV.
+"""Batched generation on the KV-cache graphs: causal (`decoder.onnx`) and seq2seq (`encoder.onnx` + `decoder.onnx`).
 
-    cache = prompt_cache(decoder, prompt)                      # once per task: (l, d) → 2·layers × (h_kv, l, d_h)
-    for tokens in decode(decoder, [(cache, ids), ...], config, eos_ids):   # one (B,) array per step
+    prefix = steps.prefix(prompt)                              # once per task (causal: the prompt's KV)
+    for tokens in decode(steps, [(prefix, ids), ...], config, eos_ids):   # one (B,) array per step
         ...
 
-Rows are left-padded behind the prompt KV: [prompt KV | pad | tokens], with positions that skip the padding,
-so a row's tokens see exactly what they would see alone. Rows of different tasks mix freely: all prompts
-have the same length l, only their KV differs.
+Both sessions offer the same four calls, so decoding and label scoring are written once:
+`prefix(prompt)`, `start(rows) → (logits, features, state)`, `advance(state, tokens) → (logits, state)` and
+`select(state, index) → state` (rows picked or repeated).
+
+Causal rows are left-padded behind the prompt KV: [prompt KV | pad | tokens], with positions that skip the
+padding, so a row's tokens see exactly what they would see alone. Seq2seq rows run the encoder over
+[prompt | input] (right-padded), once per request; the cross-attention KV it returns is reused by every
+decode step. Rows of different tasks mix freely: all prompts have the same length l.
 """
 
 from __future__ import annotations
@@ -53,6 +58,73 @@ class DecoderSession:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
 
+    def prefix(self, prompt: np.ndarray) -> Cache:
+        return prompt_cache(self, prompt)
+
+    def start(self, rows: Sequence[tuple[Cache, Sequence[int]]]):
+        logits, features, present, mask, positions = prefill(self, rows)
+        return logits, features, (present, mask, positions)
+
+    def advance(self, state, tokens: np.ndarray):
+        past, mask, positions = state
+        mask = np.concatenate([mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        positions = positions + 1
+        prompts = np.zeros((len(tokens), 0, self.hidden_size), np.float32)
+        logits, _, past = self.step(tokens[:, None], mask, positions[:, None], prompts, past)
+        return logits, (past, mask, positions)
+
+    def select(self, state, index: np.ndarray):
+        past, mask, positions = state
+        return [p[index] for p in past], mask[index], positions[index]
+
+
+@dataclass(frozen=True)
+class Seq2SeqSession:
+    """The generation graphs of a seq2seq bundle: encoder + decoder step 0 (`prefill`), then one step at a time."""
+
+    prefill: GraphSession
+    graph_step: GraphSession
+    layers: int
+
+    @property
+    def graph(self) -> GraphSession:
+        return self.prefill
+
+    @classmethod
+    def open(cls, prefill: GraphSession, step: GraphSession) -> "Seq2SeqSession":
+        layers = sum(1 for i in step.session.get_inputs() if i.name.startswith("past.")) // 2
+        return cls(prefill, step, layers)
+
+    def _names(self, prefix: str) -> list[str]:
+        return [f"{prefix}.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
+
+    def prefix(self, prompt: np.ndarray) -> np.ndarray:
+        return prompt   # the encoder is bidirectional: the prompt's states depend on the input, nothing to cache
+
+    def start(self, rows: Sequence[tuple[np.ndarray, Sequence[int]]]):
+        width = max(len(ids) for _, ids in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for b, (_, row_ids) in enumerate(rows):
+            ids[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, 1
+        prompts = np.stack([prompt for prompt, _ in rows]).astype(np.float32)
+        outputs = [fmt.LOGITS, fmt.FEATURES, *self._names("present"), *self._names("cross")]
+        logits, features, *kv = self.prefill.run(outputs, {fmt.INPUT_IDS: ids, fmt.ATTENTION_MASK: mask,
+                                                           fmt.PROMPT_EMBEDS: prompts})
+        encoder_mask = np.concatenate([np.ones((len(rows), prompts.shape[1]), np.int64), mask], axis=1)
+        return logits, features, (kv[:2 * self.layers], kv[2 * self.layers:], encoder_mask)
+
+    def advance(self, state, tokens: np.ndarray):
+        past, cross, encoder_mask = state
+        feeds = {fmt.INPUT_IDS: tokens[:, None].astype(np.int64), fmt.ENCODER_ATTENTION_MASK: encoder_mask,
+                 **dict(zip(self._names("past"), past)), **dict(zip(self._names("cross"), cross))}
+        logits, _, *present = self.graph_step.run([fmt.LOGITS, fmt.FEATURES, *self._names("present")], feeds)
+        return logits, (present, cross, encoder_mask)
+
+    def select(self, state, index: np.ndarray):
+        past, cross, encoder_mask = state
+        return [p[index] for p in past], [c[index] for c in cross], encoder_mask[index]
+
 
 def prompt_cache(decoder: DecoderSession, prompt: np.ndarray) -> Cache:
     """A task's prompt (l, d) → its KV (one (h_kv, l, d_h) array per layer and part), computed once."""
@@ -85,25 +157,22 @@ def prefill(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int]]]
     return logits, features, present, inputs["attention_mask"], inputs["position_ids"][:, -1]
 
 
-def decode(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int]]], config: SamplingConfig,
+def decode(steps: DecoderSession | Seq2SeqSession, rows: Sequence[tuple[object, Sequence[int]]], config: SamplingConfig,
            eos_ids: Sequence[int] = (), rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
-    """Yield the next token of every row, (B,) int64, step by step, until every row has produced an end-of-
-    sequence token or `config.max_new_tokens` steps have run. Rows that ended keep receiving their eos id
-    (ignored by the caller); a caller that has what it needs may stop iterating at any time."""
+    """Yield the next token of every row (task prefix, input ids), (B,) int64, step by step, until every row has
+    produced an end-of-sequence token or `config.max_new_tokens` steps have run. Rows that ended keep receiving
+    their eos id (ignored by the caller); a caller that has what it needs may stop iterating at any time."""
     rng = rng if rng is not None else np.random.default_rng(config.seed)
-    logits, _, past, mask, positions = prefill(decoder, rows)
+    logits, _, state = steps.start(rows)
     done = np.zeros(len(rows), dtype=bool)
     eos = np.array(list(eos_ids) or [-1], dtype=np.int64)
-    prompts = np.zeros((len(rows), 0, decoder.hidden_size), np.float32)
     for step in range(config.max_new_tokens):
         tokens = np.where(done, eos[0], next_tokens(logits, config, rng))
         yield tokens
         done |= np.isin(tokens, eos)
         if done.all() or step + 1 == config.max_new_tokens:
             return
-        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
-        positions = positions + 1
-        logits, _, past = decoder.step(tokens[:, None], mask, positions[:, None], prompts, past)
+        logits, state = steps.advance(state, tokens)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -111,24 +180,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def label_log_probs(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int], Sequence[Sequence[int]]]]
-                    ) -> list[np.ndarray]:
-    """Whole-sequence verbalizers: for each row (prompt KV, input ids, label token sequences), the summed
+def label_log_probs(steps: DecoderSession | Seq2SeqSession,
+                    rows: Sequence[tuple[object, Sequence[int], Sequence[Sequence[int]]]]) -> list[np.ndarray]:
+    """Whole-sequence verbalizers: for each row (task prefix, input ids, label token sequences), the summed
     log-probability of every label's tokens after the input → one (C,) array per row. One prefill, then one
     decode step per label token beyond the first, over all (row, label) pairs at once."""
-    logits, _, present, mask, positions = prefill(decoder, [(cache, ids) for cache, ids, _ in rows])
+    logits, _, state = steps.start([(prefix, ids) for prefix, ids, _ in rows])
     owner = np.repeat(np.arange(len(rows)), [len(labels) for _, _, labels in rows])
     sequences = [list(tokens) for _, _, labels in rows for tokens in labels]
     scores = log_softmax(logits)[owner, [tokens[0] for tokens in sequences]]
     longest = max(len(tokens) for tokens in sequences)
     if longest > 1:
-        past, mask, positions = [p[owner] for p in present], mask[owner], positions[owner]
-        prompts = np.zeros((len(owner), 0, decoder.hidden_size), np.float32)
+        state = steps.select(state, owner)
         for j in range(1, longest):
             fed = np.array([tokens[min(j, len(tokens)) - 1] for tokens in sequences], np.int64)
-            mask = np.concatenate([mask, np.ones((len(owner), 1), np.int64)], axis=1)
-            positions = positions + 1
-            logits, _, past = decoder.step(fed[:, None], mask, positions[:, None], prompts, past)
+            logits, state = steps.advance(state, fed)
             step = log_softmax(logits)
             for r, tokens in enumerate(sequences):
                 if j < len(tokens):
