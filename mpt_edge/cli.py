@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
@@ -101,9 +100,13 @@ def _encode(tasks, backbone, config):
 
 
 def _fit_and_report(plan, encoded, config, out, resume, quiet, validate=None) -> None:
+    from mpt_edge import distributed
     from mpt_edge.train import fit
 
+    ranks = distributed.init_from_env()   # under torchrun: join the process group (see "Scaling out")
     index = fit(plan, encoded, config, out, resume=resume, progress=not quiet, validate=validate)
+    if not ranks.main:
+        return
     last = index["history"][-1] if index["history"] else {}
     typer.echo(f"{index['stage']}: {index['step']} steps, final loss {last.get('loss', float('nan')):.4f}, "
                f"{last.get('steps_per_s', 0):.2f} steps/s → {out}")
@@ -334,12 +337,8 @@ def quickstart_command(
     typer.echo(results["table"])
 
 
+from mpt_edge import cli_bundle, cli_peft  # noqa: E402,F401  (register export, run, inspect, import-peft, export-peft)
+
+
 def main() -> None:  # pragma: no cover
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
-from mpt_edge import cli_bundle, cli_peft  # noqa: E402,F401  (register export, run, inspect, import-peft, export-peft)

@@ -15,7 +15,7 @@ import torch
 from mpt_edge.batching import EncodedTask
 from mpt_edge.heads import TaskHeads
 from mpt_edge.init import factors_from_source, identity_factors, init_prompt
-from mpt_edge.losses import DistillConfig, batch_task_loss, distillation_loss
+from mpt_edge.losses import DistillConfig, Totals, batch_task_loss, distillation_loss
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 from mpt_edge.sampling import MixtureSampler, RoundRobinSampler
 from mpt_edge.scoring import Classifier, SequenceLabels, VerbalizerScorer
@@ -144,31 +144,32 @@ def target(backbone, encoded: Sequence[EncodedTask], source_run: Trained, config
 
 
 def supervised_loss(classifier: Classifier, prompt: MultitaskPrompt | None):
-    def loss_fn(batch):
+    def loss_fn(batch, totals: Totals | None = None):
         prompts = prompt.compose(batch.task_ids) if prompt is not None else None
         logits, out = classifier(prompts, batch)
         answers = classifier.answers(out, batch) if batch.target_mask is not None else None
-        return batch_task_loss(logits, batch, answers), {}
+        return batch_task_loss(logits, batch, answers, totals), {}
 
     return loss_fn
 
 
 def distilled_loss(student: Classifier, prompt: MultitaskPrompt, teacher: Classifier,
                    teacher_prompts: torch.Tensor, distill: DistillConfig):
-    def loss_fn(batch):
+    def loss_fn(batch, totals: Totals | None = None):
+        totals = totals or Totals.of(batch)
         generating = batch.target_mask is not None
         with torch.no_grad():
             teacher_logits, teacher_out = teacher(teacher_prompts[batch.task_ids], batch)
             teacher_answers = teacher.answers(teacher_out, batch) if generating else None
         logits, out = student(prompt.compose(batch.task_ids), batch)
         answers = student.answers(out, batch) if generating else None
-        ce = batch_task_loss(logits, batch, answers)
+        ce = batch_task_loss(logits, batch, answers, totals)
         classify = batch.labels >= 0
-        answer_parts = (answers[0], teacher_answers[0], float((~classify).float().mean())) if generating else None
+        answer_parts = (answers[0], teacher_answers[0]) if generating else None
         decoder = ((out.decoder_hidden, teacher_out.decoder_hidden, out.decoder_mask)
                    if out.decoder_hidden is not None else None)
         extra, parts = distillation_loss(logits[classify], teacher_logits[classify], out.hidden, teacher_out.hidden,
-                                         batch.input_mask, distill, answer_parts, decoder)
+                                         batch.input_mask, distill, answer_parts, decoder, totals)
         return ce + extra, {"ce": ce.item(), **parts}
 
     return loss_fn

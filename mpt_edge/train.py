@@ -19,7 +19,9 @@ import torch
 from mpt_edge.batching import Batch, EncodedTask, collate
 from mpt_edge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, optimizer_state,
                                  restore_optimizer, save_checkpoint)
+from mpt_edge import distributed
 from mpt_edge.heads import TaskHeads
+from mpt_edge.losses import Totals
 from mpt_edge.prompt import MultitaskPrompt
 
 
@@ -49,7 +51,7 @@ class TrainConfig:
             raise ValueError(f"train option eval_every must be an integer >= 0 (0 = no dev evaluation), got {self.eval_every!r}")
 
 
-LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[Batch, Totals], tuple[torch.Tensor, dict[str, float]]]   # a shard, the global batch's totals
 Validate = Callable[[], float]   # dev score of the plan's current tensors, higher is better
 BEST = "best."                   # prefix of the best tensors so far inside an unfinished checkpoint
 
@@ -107,13 +109,22 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     saved is overwritten by accident. With `validate` and `config.eval_every`, the dev score is taken
     before training, every `eval_every` steps and at the end; the final checkpoint holds the best-scoring
     tensors (early stopping by selection: every run spends the same step budget).
+
+    Under `torchrun` (an initialised process group, see `mpt_edge.distributed`) every rank trains on its shard
+    of each global batch with summed gradients; rank 0 validates, checkpoints and shows progress.
     """
     out = Path(out)
+    ranks = distributed.current()
+    if config.batch_size < ranks.world:
+        raise ValueError(f"batch size {config.batch_size} is smaller than the {ranks.world} ranks; every rank needs "
+                         "rows: raise --batch-size (it is the global batch) or start fewer processes")
+    if selecting := validate is not None and config.eval_every > 0:
+        validate = _on_main(validate, ranks)
     optimizer = torch.optim.Adafactor(plan.param_groups(config))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     meta = {**plan.meta, "stage": plan.stage, "train": asdict(config), "total_steps": plan.total_steps}
     history: list[dict] = []
     start = 0
-    selecting = validate is not None and config.eval_every > 0
     best: dict = {}
     if has_checkpoint(out):
         if not resume:
@@ -127,15 +138,17 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
             best = {**index["best"], "tensors": {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}}
     if selecting and not best:
         best = _scored(plan, validate, start, {"step": start, "score": float("-inf"), "evals": []})
-    bar = _progress(plan.stage, start, plan.total_steps, progress)
+    bar = _progress(plan.stage, start, plan.total_steps, progress and ranks.main)
     tick, window = time.perf_counter(), []
     for step in range(start, plan.total_steps):
         batch = collate(encoded, plan.sampler.batch(step))
-        loss, parts = plan.loss_fn(batch)
+        loss, parts = plan.loss_fn(distributed.shard(batch, ranks), Totals.of(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_gradients(params, ranks)
         optimizer.step()
-        window.append({"loss": loss.item(), **parts})
+        logged = distributed.sum_values([loss.item(), *parts.values()], ranks)   # the global batch's loss
+        window.append(dict(zip(["loss", *parts], logged)))
         done = step + 1
         if selecting and (done % config.eval_every == 0 or done == plan.total_steps):
             best = _scored(plan, validate, done, best)
@@ -151,12 +164,20 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
             if selecting:
                 extra_meta = {"best": {k: v for k, v in best.items() if k != "tensors"}}
                 extra_tensors = {BEST + k: v for k, v in best["tensors"].items()}
-            save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info, **extra_meta},
-                            {**plan.tensors(), **opt_tensors, **extra_tensors}, done)
-        bar(done, loss.item(), parts)
+            if ranks.main:
+                save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info, **extra_meta},
+                                {**plan.tensors(), **opt_tensors, **extra_tensors}, done)
+            distributed.barrier(ranks)
+        bar(done, logged[0], dict(zip(parts, logged[1:])))
     bar.close()
+    distributed.barrier(ranks)
     index, _ = load_checkpoint(out)
     return index
+
+
+def _on_main(validate: Validate, ranks: distributed.Ranks) -> Validate:
+    """Validation runs on rank 0 only; every rank gets its score (they hold the same tensors)."""
+    return lambda: distributed.from_main(float(validate()) if ranks.main else 0.0, ranks)
 
 
 def _scored(plan: Plan, validate: Validate, step: int, best: dict) -> dict:

@@ -148,11 +148,11 @@ def test_resume_equals_uninterrupted(backbone, tmp_path):
     calls = {"n": 0}
     inner = doomed.loss_fn
 
-    def dies_at_step_10(batch):  # killed after the step-8 checkpoint, mid-way to the next one
+    def dies_at_step_10(batch, totals):  # killed after the step-8 checkpoint, mid-way to the next one
         calls["n"] += 1
         if calls["n"] == 10:
             raise KeyboardInterrupt
-        return inner(batch)
+        return inner(batch, totals)
 
     doomed.loss_fn = dies_at_step_10
     with pytest.raises(KeyboardInterrupt):
@@ -222,11 +222,11 @@ def test_early_stopping_survives_a_resume(backbone, tmp_path):
     doomed = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
     inner, calls = doomed.loss_fn, {"n": 0}
 
-    def dies_at_step_10(batch):
+    def dies_at_step_10(batch, totals):
         calls["n"] += 1
         if calls["n"] == 10:
             raise KeyboardInterrupt
-        return inner(batch)
+        return inner(batch, totals)
 
     doomed.loss_fn = dies_at_step_10
     with pytest.raises(KeyboardInterrupt):

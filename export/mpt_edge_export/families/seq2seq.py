@@ -69,7 +69,8 @@ class Seq2SeqAdapter:
         encoded, encoder_mask = self.encode(model, prompt, input_ids, input_mask)
         targets, mask = left_aligned_targets(input_ids, target_mask)
         decoder_ids = torch.cat([targets.new_full((targets.shape[0], 1), start_id(model)), targets[:, :-1]], dim=1)
-        decoder_mask = torch.cat([mask.new_ones((mask.shape[0], 1)), mask[:, :-1]], dim=1)
+        decoder_mask = mask.clone()
+        decoder_mask[:, 0] = True        # [start | t_0 … t_{L-2}]: L positions, or the start alone (classify rows)
         hidden = self.decode(model, decoder_ids, decoder_mask.long(), encoded, encoder_mask)
         prompt_len = encoded.shape[1] - input_ids.shape[1]
         return PromptedOutput(features=hidden[:, 0], hidden=encoded[:, prompt_len:], decoder_hidden=hidden,
@@ -89,7 +90,8 @@ class Seq2SeqAdapter:
         encoded, encoder_mask = self.encode(model, prompt, input_ids, attention_mask)
         flat_ids, flat_mask = label_ids.reshape(-1, length), label_mask.reshape(-1, length)
         decoder_ids = torch.cat([flat_ids.new_full((flat_ids.shape[0], 1), start_id(model)), flat_ids[:, :-1]], dim=1)
-        decoder_mask = torch.cat([flat_mask.new_ones((flat_mask.shape[0], 1)), flat_mask[:, :-1]], dim=1)
+        decoder_mask = flat_mask.clone()
+        decoder_mask[:, 0] = True
         hidden = self.decode(model, decoder_ids, decoder_mask.long(), encoded.repeat_interleave(labels, 0),
                              encoder_mask.repeat_interleave(labels, 0))
         log_probs = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
