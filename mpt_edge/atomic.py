@@ -1,24 +1,51 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename over the target."""
+"""Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
+
+A failed write (disk full, read-only folder) removes its temp file, leaves the previous file untouched and
+raises `OutputError`, which names the path and the fix.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+FIXES = {
+    errno.ENOSPC: "the disk is full: free space or choose another output folder",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another output folder",
+    errno.EROFS: "the filesystem is read-only: choose a writable output folder",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+}
+
+
+class OutputError(ValueError):
+    """A file or folder that cannot be written; nothing written before is damaged."""
+
+
+def output_error(path: Path, err: OSError) -> OutputError:
+    fix = FIXES.get(err.errno, "check the output folder")
+    return OutputError(f"cannot write {path}: {err.strerror or err}; {fix}. Anything saved before is unchanged")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise output_error(path, err) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from mpt_edge.atomic import write_bytes_atomic, write_text_atomic
+from mpt_edge.atomic import output_error, write_bytes_atomic, write_text_atomic
 
 FORMAT = "mpt-edge-checkpoint"
 VERSION = 1
@@ -27,14 +27,23 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, of another format, damaged, or does not fit what it is used with."""
 
 
+def make_folder(folder: Path) -> Path:
+    """Create the checkpoint folder (early, before any training), or an OutputError that says why not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(folder, err) from None
+    return folder
+
+
 def has_checkpoint(folder: Path) -> bool:
     return (Path(folder) / INDEX).is_file()
 
 
 def save_checkpoint(folder: Path, meta: dict, tensors: dict[str, torch.Tensor], step: int) -> Path:
     """Write tensors and `meta` (JSON-able) as the checkpoint of `step`; returns the index path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     name = f"state-{step:08d}.safetensors"
     data = save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     write_bytes_atomic(folder / name, data)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mpt_edge.batching import Batch, EncodedTask, collate
-from mpt_edge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, optimizer_state,
+from mpt_edge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, make_folder, optimizer_state,
                                  restore_optimizer, save_checkpoint)
 from mpt_edge import distributed
 from mpt_edge.heads import TaskHeads
@@ -113,7 +113,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     Under `torchrun` (an initialised process group, see `mpt_edge.distributed`) every rank trains on its shard
     of each global batch with summed gradients; rank 0 validates, checkpoints and shows progress.
     """
-    out = Path(out)
+    out = make_folder(out) if not has_checkpoint(out) else Path(out)
     ranks = distributed.current()
     if config.batch_size < ranks.world:
         raise ValueError(f"batch size {config.batch_size} is smaller than the {ranks.world} ranks; every rank needs "

@@ -82,15 +82,37 @@ def write_bundle(source: BundleSource, out: Path, options: ExportOptions = Expor
         raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     length, dim = source.groups[0].shape
     _check_tasks(source, length, dim)
+    _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         manifest = _build(source, tmp, options, length, dim, log)
         _swap_into_place(tmp, out)
+    except OSError as err:
+        raise ExportError(f"cannot write the bundle {out} ({err.filename or tmp}: {err.strerror or err}); "
+                          "free disk space or choose a writable --out. Nothing was replaced") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete temp folders that killed exports to `out` left behind (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _build(source: BundleSource, folder: Path, options: ExportOptions, length: int, dim: int, log) -> dict:
