@@ -96,6 +96,8 @@ def _verify(folder: Path, name: str, digest: str) -> None:
     if Path(name).name != name or name in ("", ".", ".."):
         raise BundleError(f"{folder / fmt.MANIFEST} names file {name!r} outside the bundle folder; refusing to load it")
     target = folder / name
+    if target.is_symlink():
+        raise BundleError(f"{target} is a symbolic link; a bundle holds plain files only (refusing to follow it)")
     if not target.is_file():
         raise BundleError(f"{target} is missing from the bundle; copy the whole bundle folder or re-export it")
     if file_sha256(target) != digest:

@@ -33,7 +33,7 @@ from mpt_edge_runtime.errors import BundleError, InputError, UnknownTaskError
 from mpt_edge_runtime.generation import DecoderSession, Seq2SeqSession, decode, label_log_probs
 from mpt_edge_runtime.sampling import SamplingConfig
 from mpt_edge_runtime.session import GraphSession
-from mpt_edge_runtime.text import encode_example, plain_tokenizer, special_tokens
+from mpt_edge_runtime.text import TextError, encode_example, plain_tokenizer, special_tokens
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,23 @@ class Engine:
             if not isinstance(name, str) or name not in tasks:
                 raise UnknownTaskError(name, tasks)
             if not isinstance(text, str):
-                raise InputError(f"request {i}: text must be a string, got {type(text).__name__}")
+                hint = " (decode bytes first, e.g. data.decode('utf-8', errors='replace'))" if isinstance(text, bytes) else ""
+                raise InputError(f"request {i}: text must be a string, got {type(text).__name__}{hint}")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise InputError(f"request {i}: the text holds a lone surrogate {text[err.start]!r} at character "
+                                     f"{err.start}, which is not valid Unicode; decode the input with "
+                                     "errors='replace'") from None
             entry = tasks[name]
             if entry.kind != kind:
                 verb = "engine.generate / stream" if entry.kind == "generate" else "engine.classify / run"
                 raise InputError(f"request {i}: task {name!r} is a {entry.kind} task; use {verb}")
-            ids = encode_example(self.tokenizer, entry.template, {"text": text}, entry.max_length, self._specials)
+            try:
+                ids = encode_example(self.tokenizer, entry.template, {"text": text}, entry.max_length, self._specials)
+            except TextError as err:
+                raise InputError(f"request {i}: {err}") from None
             if not ids:
                 raise InputError(f"request {i}: the text is empty and task {name!r}'s template adds no tokens; "
                                  "give some text")

@@ -1,0 +1,192 @@
+"""The runtime under garbage and load: property-based requests (arbitrary Unicode, lone surrogates, bytes, empty,
+huge, wrong types, unknown tasks, mixed batches) give a valid answer or a documented error, never anything
+else; a tampered bundle is refused file by file; the soak test (opt-in: -m soak) reports latency and memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mpt_edge_runtime as mer
+from conftest import tiny_bert_backbone
+from mpt_edge.bundling import backbone_facts
+from mpt_edge_export.bundle import BundleSource, ExportOptions, ExportTask, write_bundle
+from mpt_edge_export.families import adapter_for
+from mpt_edge_runtime import format as fmt
+from test_generation import bundle as decoder_bundle  # noqa: F401  (module fixture: causal bundle with generation)
+
+DOCUMENTED = (mer.InputError, mer.UnknownTaskError)
+TEXTS = st.one_of(st.text(alphabet=st.characters(exclude_categories=[]), max_size=300),   # surrogates included
+                  st.just(""), st.just(" "), st.just("\x00"), st.text(max_size=3).map(lambda t: t * 20_000))
+ANYTHING = st.one_of(TEXTS, st.binary(max_size=20), st.none(), st.integers(), st.lists(st.text(max_size=3), max_size=2))
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def features_bundle(tmp_path_factory):
+    """An encoder bundle (features graph) with two classify tasks."""
+    backbone = tiny_bert_backbone()
+    dim = 32
+    generator = torch.Generator().manual_seed(0)
+    tasks = [ExportTask({"name": name, "kind": "classify", "labels": labels, "verbalizers": labels, "template": template,
+                         "group": 0, "max_length": 24},
+                        np.ones((3, 1), np.float32), np.ones((1, dim), np.float32),
+                        torch.randn(len(labels), dim, generator=generator).numpy(), np.zeros(len(labels), np.float32))
+             for name, labels, template in (("polarity", ["negative", "positive"], "Review : {text} Sentiment :"),
+                                            ("topic", ["sport", "science", "music"], "{text} Topic :"))]
+    source = BundleSource("encoder", backbone_facts(backbone), backbone.model, adapter_for("encoder"), backbone.tokenizer,
+                          [torch.randn(3, dim, generator=generator).numpy() * 0.1], tasks)
+    out = tmp_path_factory.mktemp("features") / "bundle"
+    write_bundle(source, out, ExportOptions(max_length=24))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(features_bundle, decoder_bundle):
+    return {"features": mer.load(features_bundle, "cpu"), "decoder": mer.load(decoder_bundle[1], "cpu")}
+
+
+def check_prediction(prediction, labels) -> None:
+    probabilities = np.array(list(prediction.probabilities.values()))
+    assert prediction.label in labels and np.isfinite(probabilities).all() and abs(probabilities.sum() - 1) < 1e-4
+
+
+@FAST
+@given(text=ANYTHING)
+def test_any_single_text_classifies_or_is_an_input_error(engines, text):
+    for engine, task in ((engines["features"], "polarity"), (engines["decoder"], "mood")):
+        try:
+            (prediction,) = engine.classify(task, [text])
+        except DOCUMENTED:
+            assert not isinstance(text, str) or not text.isascii()   # only non-strings and invalid Unicode fail
+            continue
+        check_prediction(prediction, engine.task(task).labels)
+
+
+@FAST
+@given(requests=st.lists(st.tuples(st.sampled_from(["polarity", "topic", "nope", "", None, 3]), ANYTHING), max_size=6))
+def test_mixed_batches_answer_every_row_or_raise_one_documented_error(engines, requests):
+    engine = engines["features"]
+    try:
+        predictions = engine.run(requests)
+    except DOCUMENTED:
+        return
+    assert len(predictions) == len(requests)
+    for (task, _), prediction in zip(requests, predictions):
+        assert prediction.task == task
+        check_prediction(prediction, engine.task(task).labels)
+
+
+@FAST
+@given(text=TEXTS, max_new_tokens=st.integers(-2, 4), temperature=st.sampled_from([0.0, 0.7, -1.0, float("nan")]))
+def test_generation_returns_text_or_a_documented_error(engines, text, max_new_tokens, temperature):
+    engine = engines["decoder"]
+    try:
+        (answer,) = engine.generate("echo", [text], max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+    except DOCUMENTED:
+        return
+    assert isinstance(answer, str) and max_new_tokens >= 1 and temperature >= 0
+
+
+def test_the_documented_messages(engines):
+    engine = engines["features"]
+    with pytest.raises(mer.InputError, match=r"lone surrogate '\\ud800' at character 2"):
+        engine.classify("polarity", ["ab\ud800"])
+    with pytest.raises(mer.InputError, match=r"got bytes \(decode bytes first"):
+        engine.classify("polarity", [b"good"])
+    with pytest.raises(mer.UnknownTaskError, match="unknown task 'nope'"):
+        engine.run([("polarity", "fine"), ("nope", "fine")])
+    (long,) = engine.classify("polarity", ["great " * 100_000])        # truncated to the task's max_length
+    check_prediction(long, ("negative", "positive"))
+
+
+def copy_bundle(bundle, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(bundle, folder)
+    return folder
+
+
+def test_every_file_of_a_bundle_is_verified_before_use(features_bundle, tmp_path):
+    manifest = json.loads((features_bundle / fmt.MANIFEST).read_text())
+    assert set(manifest["files"]) >= {fmt.GRAPH, fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS}
+    for name in manifest["files"]:
+        folder = copy_bundle(features_bundle, tmp_path / name)
+        data = bytearray((folder / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (folder / name).write_bytes(bytes(data))
+        with pytest.raises(mer.BundleError, match=rf"{name} does not match its sha256"):
+            mer.load(folder, "cpu")
+
+
+@pytest.mark.parametrize("name", ["../secret", "/etc/passwd", "sub/model.onnx", ".."])
+def test_manifests_naming_files_outside_the_folder_are_refused(features_bundle, tmp_path, name):
+    folder = copy_bundle(features_bundle, tmp_path)
+    manifest = json.loads((folder / fmt.MANIFEST).read_text())
+    manifest["files"][name] = "0" * 64
+    (folder / fmt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(mer.BundleError, match="outside the bundle folder"):
+        mer.load(folder, "cpu")
+
+
+def test_a_symlinked_file_is_refused(features_bundle, tmp_path):
+    folder = copy_bundle(features_bundle, tmp_path)
+    outside = tmp_path / "tokenizer-elsewhere.json"
+    shutil.move(folder / fmt.TOKENIZER, outside)
+    os.symlink(outside, folder / fmt.TOKENIZER)
+    with pytest.raises(mer.BundleError, match="is a symbolic link"):
+        mer.load(folder, "cpu")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.soak
+def test_soak_threads_against_one_engine(engines, request):
+    """N threads × M mixed classify/generate requests; zero errors; p99 latency and RSS, first vs last fifth."""
+    if "soak" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("soak test: opt in with `pytest -m soak` (SOAK_THREADS, SOAK_REQUESTS set the load)")
+    threads, per_thread = int(os.environ.get("SOAK_THREADS", 8)), int(os.environ.get("SOAK_REQUESTS", 300))
+    engine = engines["decoder"]
+    latencies, errors = [], []
+    start_rss = rss_mb()
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for i in range(per_thread):
+            tick = time.perf_counter()
+            try:
+                if i % 2:
+                    engine.generate("echo", ["the film was " + "good " * int(rng.integers(1, 8))], max_new_tokens=4)
+                else:
+                    engine.run([("mood", "bad plot " * int(rng.integers(1, 8))), ("mood", "fine")])
+            except Exception as err:   # noqa: BLE001  (the soak counts every failure)
+                errors.append(repr(err))
+            latencies.append((time.perf_counter() - tick, time.perf_counter()))
+
+    pool = [threading.Thread(target=worker, args=(s,)) for s in range(threads)]
+    began = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - began
+    ordered = sorted(latencies, key=lambda x: x[1])
+    fifth = max(1, len(ordered) // 5)
+    p99 = lambda rows: 1e3 * float(np.percentile([r[0] for r in rows], 99))  # noqa: E731
+    end_rss = rss_mb()
+    print(f"\nsoak: {threads} threads × {per_thread} requests in {wall:.1f} s ({len(latencies) / wall:.0f} req/s); "
+          f"errors {len(errors)}; p99 first fifth {p99(ordered[:fifth]):.1f} ms, last fifth {p99(ordered[-fifth:]):.1f} ms; "
+          f"RSS start {start_rss:.0f} MB, end {end_rss:.0f} MB")
+    assert not errors, errors[:3]
+    assert end_rss < start_rss * 1.25 + 50    # flat: no growth beyond allocator noise
