@@ -71,6 +71,21 @@ def t5():
     return tiny_t5_backbone()
 
 
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Llama saved as a local backbone folder and the synthetic tasks as task folders (for the CLI)."""
+    from mpt_edge.tasks import write_task
+
+    root = tmp_path_factory.mktemp("cli")
+    backbone = tiny_llama_backbone()
+    backbone.model.save_pretrained(root / "tiny-llama")
+    backbone.tokenizer.save(str(root / "tiny-llama" / "tokenizer.json"))
+    for name, spec in SPECS.items():
+        write_task(root / "data" / name, spec, {split: synthetic_rows(name, 24, seed)
+                                                 for seed, split in enumerate(["train", "dev", "test"])})
+    return root
+
+
 @pytest.fixture
 def llama():
     return tiny_llama_backbone()

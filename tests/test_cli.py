@@ -8,24 +8,12 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from conftest import SPECS, VOCAB, make_tokenizer, synthetic_rows, tiny_llama_backbone
+from conftest import VOCAB, make_tokenizer, synthetic_rows
 from mpt_edge.cli import app
 from mpt_edge.tasks import write_task
 
 runner = CliRunner()
 FAST = ["--steps", "3", "--prompt-length", "4", "--max-length", "32", "--batch-size", "4", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    backbone = tiny_llama_backbone()
-    backbone.model.save_pretrained(root / "tiny-llama")
-    backbone.tokenizer.save(str(root / "tiny-llama" / "tokenizer.json"))
-    for name, spec in SPECS.items():
-        write_task(root / "data" / name, spec, {split: synthetic_rows(name, 24, seed)
-                                                 for seed, split in enumerate(["train", "dev", "test"])})
-    return root
 
 
 def invoke(*args):

@@ -15,7 +15,7 @@ import torch
 
 from mpt_edge.atomic import OutputError
 from mpt_edge.checkpoint import load_checkpoint, save_checkpoint
-from test_cli import FAST, common, invoke, workspace  # noqa: F401  (fixture: tiny backbone and task folders)
+from test_cli import FAST, common, invoke
 
 LONG = ["--steps", "40", "--prompt-length", "4", "--max-length", "32", "--batch-size", "4", "--quiet",
         "--checkpoint-every", "3"]

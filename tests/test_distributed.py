@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mpt_edge.checkpoint import load_checkpoint
-from test_cli import FAST, common, invoke, workspace  # noqa: F401  (fixture: tiny backbone and task folders)
+from test_cli import FAST, common, invoke
 
 SOURCE = ["--steps", "4", "--batch-size", "6", "--max-length", "32", "--rank", "2", "--quiet", "--checkpoint-every", "2"]
 

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SPECS, synthetic_rows, tiny_llama_backbone
-from test_cli import workspace  # noqa: F401  (fixture: a tiny backbone folder and task folders)
 from mpt_edge.bundling import bundle_source
 from mpt_edge.peft_interop import (PeftInteropError, import_peft, peft_prompt_from_trained, read_peft_adapter,
                                    write_peft_adapter)

@@ -22,6 +22,7 @@ from mpt_edge.bundling import backbone_facts
 from mpt_edge_export.bundle import BundleSource, ExportOptions, ExportTask, write_bundle
 from mpt_edge_export.families import adapter_for
 from mpt_edge_runtime import format as fmt
+from test_export_runtime import _copy as copy_bundle, _rewrite_manifest as rewrite_manifest
 from test_generation import bundle as decoder_bundle  # noqa: F401  (module fixture: causal bundle with generation)
 
 DOCUMENTED = (mer.InputError, mer.UnknownTaskError)
@@ -109,12 +110,6 @@ def test_the_documented_messages(engines):
     check_prediction(long, ("negative", "positive"))
 
 
-def copy_bundle(bundle, tmp_path):
-    folder = tmp_path / "copy"
-    shutil.copytree(bundle, folder)
-    return folder
-
-
 def test_every_file_of_a_bundle_is_verified_before_use(features_bundle, tmp_path):
     manifest = json.loads((features_bundle / fmt.MANIFEST).read_text())
     assert set(manifest["files"]) >= {fmt.GRAPH, fmt.TOKENIZER, fmt.PROMPTS, fmt.TASKS}
@@ -130,9 +125,7 @@ def test_every_file_of_a_bundle_is_verified_before_use(features_bundle, tmp_path
 @pytest.mark.parametrize("name", ["../secret", "/etc/passwd", "sub/model.onnx", ".."])
 def test_manifests_naming_files_outside_the_folder_are_refused(features_bundle, tmp_path, name):
     folder = copy_bundle(features_bundle, tmp_path)
-    manifest = json.loads((folder / fmt.MANIFEST).read_text())
-    manifest["files"][name] = "0" * 64
-    (folder / fmt.MANIFEST).write_text(json.dumps(manifest))
+    rewrite_manifest(folder, lambda manifest: manifest["files"].update({name: "0" * 64}))
     with pytest.raises(mer.BundleError, match="outside the bundle folder"):
         mer.load(folder, "cpu")
 

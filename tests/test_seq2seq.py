@@ -21,7 +21,6 @@ from mpt_edge.trained import load_trained
 from mpt_edge_export.bundle import ExportError, ExportOptions, write_bundle
 from test_generate_training import naming_task
 import mpt_edge_runtime as mer
-from test_cli import workspace  # noqa: F401  (fixture: task folders)
 
 CFG = TrainConfig(steps=4, batch_size=4, max_length=24, checkpoint_every=4)
 
