@@ -23,6 +23,7 @@ from mpt_edge import distributed
 from mpt_edge.heads import TaskHeads
 from mpt_edge.losses import Totals
 from mpt_edge.prompt import MultitaskPrompt
+from mpt_edge.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,9 @@ def _scored(plan: Plan, validate: Validate, step: int, best: dict) -> dict:
 
 def _check_resumable(index: dict, meta: dict, out: Path) -> None:
     meta = json.loads(json.dumps(meta))  # compare as saved (tuples become lists)
-    # options added in later versions read as their defaults in checkpoints written before them
-    index = {**index, "train": {**asdict(TrainConfig()), **index.get("train", {})}}
+    # options and task fields added in later versions read as their defaults in checkpoints written before them
+    index = {**index, "train": {**asdict(TrainConfig()), **index.get("train", {})},
+             "tasks": json.loads(json.dumps([TaskSpec.from_json(t).to_json() for t in index.get("tasks", [])]))}
     for key in ("stage", "tasks", "backbone", "prompt", "train", "total_steps"):
         if index.get(key) != meta.get(key):
             raise CheckpointError(

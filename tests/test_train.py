@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -261,3 +263,16 @@ def test_train_config_checks_fields():
         TrainConfig(eval_every=-1)
     with pytest.raises(ValueError, match="mode"):
         stages.target(None, [], None, config(), mode="everything")
+
+
+def test_checkpoints_from_before_new_task_fields_still_resume(llama, tmp_path):
+    src = encode_tasks([synthetic_task("polarity", 16)], llama.tokenizer, 32)
+    cfg = TrainConfig(steps=4, batch_size=4, max_length=32, checkpoint_every=2)
+    fit(stages.prompt_tuning("pt", llama, src, cfg, PROMPT), src, cfg, tmp_path, progress=False)
+    index = json.loads((tmp_path / "checkpoint.json").read_text())
+    for task in index["tasks"]:
+        task.pop("verbalizer_tokens")          # a field added in a later version
+    index["step"] = 2
+    (tmp_path / "checkpoint.json").write_text(json.dumps(index))
+    resumed = fit(stages.prompt_tuning("pt", llama, src, cfg, PROMPT), src, cfg, tmp_path, resume=True, progress=False)
+    assert resumed["step"] == 4
