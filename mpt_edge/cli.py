@@ -311,9 +311,10 @@ def evaluate_command(
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
-    typer.echo(f"{'task':<24} {'accuracy':>9} {'macro-F1':>9} {'n':>6}")
+    typer.echo(f"{'task':<24} {'accuracy':>9} {'macro-F1':>9} {'n':>6}   (generate tasks: exact match, token accuracy)")
     for name, r in results.items():
-        typer.echo(f"{name:<24} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['n']:>6}")
+        second = r["macro_f1"] if "macro_f1" in r else r["token_accuracy"]
+        typer.echo(f"{name:<24} {r['accuracy']:>9.4f} {second:>9.4f} {r['n']:>6}")
 
 
 @app.command("quickstart")

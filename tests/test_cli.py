@@ -172,6 +172,9 @@ def test_generate_task_trains_exports_and_streams_from_the_command_line(workspac
     result = invoke("train", "target", "--method", "pt", "--tasks", "naming,mood", "--out", tmp_path / "pt",
                     *common(workspace), *FAST)
     assert result.exit_code == 0, result.output
+    result = invoke("eval", tmp_path / "pt", *common(workspace), "--max-length", "32")
+    assert result.exit_code == 0 and "exact match, token accuracy" in result.output, result.output
+    assert any(line.startswith("naming") for line in result.stdout.splitlines())
     result = invoke("export", tmp_path / "pt", "--out", tmp_path / "bundle", "--backbone", workspace / "tiny-llama")
     assert result.exit_code == 0 and "generation graph with KV cache decoder.onnx" in result.output, result.output
     result = invoke("run", tmp_path / "bundle", "--task", "naming", "good film", "dull plot", "--max-new-tokens", "3")
