@@ -154,7 +154,8 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     """Export the bundle's graph (features; for causal bundles that need it the KV-cache generation graph; for
     seq2seq ones the encoder + decoder-step pair), apply the transforms to every file, check parity after each;
     → (manifest "graph" entry, parity reports)."""
-    if wants_decoder(source, options) and source.family == "seq2seq":
+    generation = wants_decoder(source, options)
+    if generation and source.family == "seq2seq":
         prefill, step = folder / fmt.ENCODER_GRAPH, folder / fmt.DECODER_GRAPH
         paths = [prefill, step]
         log(f"exporting the seq2seq generation graphs: encoder + step 0, decoder step with KV cache (opset {options.opset})")
@@ -164,7 +165,7 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
                  "eos_token_ids": _eos_ids(source.model), "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()},
                  "decoder_inputs": {k: list(v.values()) for k, v in fmt.SEQ2SEQ_STEP_INPUTS.items()},
                  "outputs": list(fmt.DECODER_OUTPUTS)}
-    elif wants_decoder(source, options):
+    elif generation:
         path = folder / fmt.DECODER_GRAPH
         paths = [path]
         log(f"exporting the generation graph with KV cache (opset {options.opset})")

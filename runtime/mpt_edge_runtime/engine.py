@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import TaskEntry, graph_kind, read_manifest, read_tasks, task_entry
 from mpt_edge_runtime.errors import BundleError, InputError, UnknownTaskError
-from mpt_edge_runtime.generation import DecoderSession, Seq2SeqSession, decode, label_log_probs
+from mpt_edge_runtime.generation import DecoderSession, Seq2SeqSession, decode, label_log_probs, right_padded
 from mpt_edge_runtime.sampling import SamplingConfig
 from mpt_edge_runtime.session import GraphSession
 from mpt_edge_runtime.text import TextError, encode_example, plain_tokenizer, special_tokens
@@ -200,11 +200,7 @@ class Engine:
                 for i, logits in zip(whole, scores):
                     predictions[i] = _from_logits(rows[i][0], logits)
             return predictions
-        width = max(len(ids) for _, ids in rows)
-        input_ids = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for b, (_, ids) in enumerate(rows):
-            input_ids[b, :len(ids)], mask[b, :len(ids)] = ids, 1
+        input_ids, mask = right_padded([ids for _, ids in rows])
         prompts = np.stack([entry.prompt for entry, _ in rows])
         features = self.session.features(input_ids, mask, prompts)
         return [_predict(entry, row) for (entry, _), row in zip(rows, features)]

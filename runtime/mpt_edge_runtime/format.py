@@ -75,3 +75,8 @@ SEQ2SEQ_STEP_INPUTS = {
 def cross_name(layer: int, part: str) -> str:
     """The cross-attention KV of decoder layer `layer`; part: "key" or "value"."""
     return f"cross.{layer}.{part}"
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """`<prefix>.<i>.key`, `<prefix>.<i>.value` for every layer, in graph order; prefix: past, present or cross."""
+    return [f"{prefix}.{i}.{part}" for i in range(layers) for part in ("key", "value")]

@@ -48,10 +48,9 @@ class DecoderSession:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, prompts: np.ndarray,
              past: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """One graph call → logits (B, V), features (B, d), present (2·layers × (B, h_kv, K, d_h))."""
-        names = [fmt.past_name(i, part) for i in range(self.layers) for part in ("key", "value")]
         feeds = {fmt.INPUT_IDS: input_ids, fmt.ATTENTION_MASK: attention_mask, fmt.POSITION_IDS: position_ids,
-                 fmt.PROMPT_EMBEDS: prompts, **dict(zip(names, past))}
-        outputs = [fmt.LOGITS, fmt.FEATURES, *(n.replace("past.", "present.") for n in names)]
+                 fmt.PROMPT_EMBEDS: prompts, **dict(zip(fmt.cache_names("past", self.layers), past))}
+        outputs = [fmt.LOGITS, fmt.FEATURES, *fmt.cache_names("present", self.layers)]
         logits, features, *present = self.graph.run(outputs, feeds)
         return logits, features, present
 
@@ -95,20 +94,13 @@ class Seq2SeqSession:
         layers = sum(1 for i in step.session.get_inputs() if i.name.startswith("past.")) // 2
         return cls(prefill, step, layers)
 
-    def _names(self, prefix: str) -> list[str]:
-        return [f"{prefix}.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
-
     def prefix(self, prompt: np.ndarray) -> np.ndarray:
         return prompt   # the encoder is bidirectional: the prompt's states depend on the input, nothing to cache
 
     def start(self, rows: Sequence[tuple[np.ndarray, Sequence[int]]]):
-        width = max(len(ids) for _, ids in rows)
-        ids = np.zeros((len(rows), width), np.int64)
-        mask = np.zeros((len(rows), width), np.int64)
-        for b, (_, row_ids) in enumerate(rows):
-            ids[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, 1
+        ids, mask = right_padded([row_ids for _, row_ids in rows])
         prompts = np.stack([prompt for prompt, _ in rows]).astype(np.float32)
-        outputs = [fmt.LOGITS, fmt.FEATURES, *self._names("present"), *self._names("cross")]
+        outputs = [fmt.LOGITS, fmt.FEATURES, *fmt.cache_names("present", self.layers), *fmt.cache_names("cross", self.layers)]
         logits, features, *kv = self.prefill.run(outputs, {fmt.INPUT_IDS: ids, fmt.ATTENTION_MASK: mask,
                                                            fmt.PROMPT_EMBEDS: prompts})
         encoder_mask = np.concatenate([np.ones((len(rows), prompts.shape[1]), np.int64), mask], axis=1)
@@ -117,13 +109,23 @@ class Seq2SeqSession:
     def advance(self, state, tokens: np.ndarray):
         past, cross, encoder_mask = state
         feeds = {fmt.INPUT_IDS: tokens[:, None].astype(np.int64), fmt.ENCODER_ATTENTION_MASK: encoder_mask,
-                 **dict(zip(self._names("past"), past)), **dict(zip(self._names("cross"), cross))}
-        logits, _, *present = self.graph_step.run([fmt.LOGITS, fmt.FEATURES, *self._names("present")], feeds)
+                 **dict(zip(fmt.cache_names("past", self.layers), past)), **dict(zip(fmt.cache_names("cross", self.layers), cross))}
+        logits, _, *present = self.graph_step.run([fmt.LOGITS, fmt.FEATURES, *fmt.cache_names("present", self.layers)], feeds)
         return logits, (present, cross, encoder_mask)
 
     def select(self, state, index: np.ndarray):
         past, cross, encoder_mask = state
         return [p[index] for p in past], [c[index] for c in cross], encoder_mask[index]
+
+
+def right_padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id rows → ids (B, n) padded with 0 on the right and the mask of the real tokens (B, n), int64."""
+    width = max(len(row) for row in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    return ids, mask
 
 
 def prompt_cache(decoder: DecoderSession, prompt: np.ndarray) -> Cache:

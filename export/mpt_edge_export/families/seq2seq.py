@@ -42,6 +42,15 @@ def left_aligned_targets(input_ids: torch.Tensor, target_mask: torch.Tensor | No
     return torch.where(mask, input_ids.gather(1, order), 0), mask
 
 
+def teacher_forced(tokens: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs that predict `tokens` (B, m): [start | t_0 … t_{m-2}], and their mask (B, m): a row's
+    L real positions, or the start alone when it has no tokens (classify rows)."""
+    ids = torch.cat([tokens.new_full((tokens.shape[0], 1), start), tokens[:, :-1]], dim=1)
+    fed = mask.clone()
+    fed[:, 0] = True
+    return ids, fed
+
+
 @dataclass(frozen=True)
 class Seq2SeqAdapter:
     name: str = "seq2seq"
@@ -67,10 +76,7 @@ class Seq2SeqAdapter:
         (B, m, d) and decoder_mask (B, m): the decoder over [start | target[:-1]] (m = 1 without targets)."""
         input_mask = attention_mask if target_mask is None else attention_mask * (~target_mask).long()
         encoded, encoder_mask = self.encode(model, prompt, input_ids, input_mask)
-        targets, mask = left_aligned_targets(input_ids, target_mask)
-        decoder_ids = torch.cat([targets.new_full((targets.shape[0], 1), start_id(model)), targets[:, :-1]], dim=1)
-        decoder_mask = mask.clone()
-        decoder_mask[:, 0] = True        # [start | t_0 … t_{L-2}]: L positions, or the start alone (classify rows)
+        decoder_ids, decoder_mask = teacher_forced(*left_aligned_targets(input_ids, target_mask), start_id(model))
         hidden = self.decode(model, decoder_ids, decoder_mask.long(), encoded, encoder_mask)
         prompt_len = encoded.shape[1] - input_ids.shape[1]
         return PromptedOutput(features=hidden[:, 0], hidden=encoded[:, prompt_len:], decoder_hidden=hidden,
@@ -89,9 +95,7 @@ class Seq2SeqAdapter:
         labels, length = label_ids.shape[1:]
         encoded, encoder_mask = self.encode(model, prompt, input_ids, attention_mask)
         flat_ids, flat_mask = label_ids.reshape(-1, length), label_mask.reshape(-1, length)
-        decoder_ids = torch.cat([flat_ids.new_full((flat_ids.shape[0], 1), start_id(model)), flat_ids[:, :-1]], dim=1)
-        decoder_mask = flat_mask.clone()
-        decoder_mask[:, 0] = True
+        decoder_ids, decoder_mask = teacher_forced(flat_ids, flat_mask, start_id(model))
         hidden = self.decode(model, decoder_ids, decoder_mask.long(), encoded.repeat_interleave(labels, 0),
                              encoder_mask.repeat_interleave(labels, 0))
         log_probs = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
