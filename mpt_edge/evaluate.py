@@ -75,8 +75,9 @@ def evaluate(classifier: Classifier, prompts_for: Callable[[torch.Tensor], torch
     return results
 
 
-def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 32) -> Callable[[], float]:
-    """A `validate` for `fit`: mean dev accuracy over the plan's tasks with its current prompt and heads.
+def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 32) -> Callable[[], tuple]:
+    """A `validate` for `fit`: mean dev accuracy over the plan's tasks with its current prompt and heads,
+    and the accuracy of each task (recorded with every evaluation).
 
     `dev_tasks` (TaskData) are matched to the plan's tasks by name; every plan task needs one.
     """
@@ -90,11 +91,12 @@ def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 
     classifier = classifier_for(backbone, [t.spec for t in ordered], plan.heads, plan.meta.get("pooling") or "mean")
     prompt = plan.prompt
 
-    def validate() -> float:
+    def validate() -> tuple[float, dict[str, float]]:
         prompts_for = (lambda ids: prompt.compose(ids)) if prompt is not None else (lambda ids: None)
         with torch.no_grad():
             scores = evaluate(classifier, prompts_for, encoded, batch_size)
-        return float(np.mean([s["accuracy"] for s in scores.values()]))
+        accuracy = {name: s["accuracy"] for name, s in scores.items()}
+        return float(np.mean(list(accuracy.values()))), accuracy
 
     return validate
 

@@ -39,6 +39,8 @@ class TrainConfig:
     max_tasks: int = 4           # κ: stochastic task sampling draws K ∈ [2, κ] tasks per batch
     mixing_cap: int = 3000       # examples-proportional mixing cap
     eval_every: int = 0          # steps between dev evaluations (0 = none); the best-scoring tensors are kept
+    patience: int = 0            # stop after this many dev evaluations without a new best (0 = spend every step)
+    warmup: int = 0              # steps over which every learning rate rises linearly from lr/warmup to lr
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_length", "checkpoint_every", "max_tasks", "mixing_cap"):
@@ -50,10 +52,20 @@ class TrainConfig:
                 raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"train option eval_every must be an integer >= 0 (0 = no dev evaluation), got {self.eval_every!r}")
+        for name in ("patience", "warmup"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"train option {name} must be an integer >= 0 (0 = off), got {getattr(self, name)!r}")
+        if self.patience and not self.eval_every:
+            raise ValueError("train option patience needs eval_every > 0: early stopping counts dev evaluations")
+
+    def warmup_factor(self, step: int) -> float:
+        """Multiplier of every learning rate at 0-based `step`: (step + 1) / warmup during warmup, then 1."""
+        return min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
 
 
 LossFn = Callable[[Batch, Totals], tuple[torch.Tensor, dict[str, float]]]   # a shard, the global batch's totals
-Validate = Callable[[], float]   # dev score of the plan's current tensors, higher is better
+Validate = Callable[[], "float | tuple[float, dict]"]   # dev score of the current tensors (higher is better),
+                                                        # optionally with details (e.g. per-task accuracy) to record
 BEST = "best."                   # prefix of the best tensors so far inside an unfinished checkpoint
 
 
@@ -103,13 +115,17 @@ class Plan:
 
 
 def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Path, *,
-        resume: bool = False, progress: bool = True, validate: Validate | None = None) -> dict:
+        resume: bool = False, progress: bool = True, validate: Validate | None = None,
+        goal: float | None = None) -> dict:
     """Run `plan` and checkpoint into `out`; returns the final checkpoint metadata.
 
     An existing checkpoint in `out` is continued with `resume=True` and refused otherwise, so nothing
     saved is overwritten by accident. With `validate` and `config.eval_every`, the dev score is taken
     before training, every `eval_every` steps and at the end; the final checkpoint holds the best-scoring
-    tensors (early stopping by selection: every run spends the same step budget).
+    tensors (early stopping by selection: every run spends the same step budget). With `config.patience`
+    training stops after that many evaluations without a new best, and with `goal` as soon as the dev score
+    reaches it; the checkpoint then records `stopped` (step and reason) and a resume returns it as it is.
+    `config.warmup` scales every learning rate by `config.warmup_factor(step)`, a pure function of the step.
 
     Under `torchrun` (an initialised process group, see `mpt_edge.distributed`) every rank trains on its shard
     of each global batch with summed gradients; rank 0 validates, checkpoints and shows progress.
@@ -122,6 +138,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     if selecting := validate is not None and config.eval_every > 0:
         validate = _on_main(validate, ranks)
     optimizer = torch.optim.Adafactor(plan.param_groups(config))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     meta = {**plan.meta, "stage": plan.stage, "train": asdict(config), "total_steps": plan.total_steps}
     history: list[dict] = []
@@ -132,6 +149,8 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
             raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
         index, tensors = load_checkpoint(out)
         _check_resumable(index, meta, out)
+        if index.get("stopped"):
+            return index
         plan.load_tensors(tensors)
         restore_optimizer(optimizer, tensors, index["optimizer"])
         start, history = index["step"], index["history"]
@@ -147,15 +166,19 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.sum_gradients(params, ranks)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * config.warmup_factor(step)
         optimizer.step()
         logged = distributed.sum_values([loss.item(), *parts.values()], ranks)   # the global batch's loss
         window.append(dict(zip(["loss", *parts], logged)))
         done = step + 1
+        stopped = None
         if selecting and (done % config.eval_every == 0 or done == plan.total_steps):
             best = _scored(plan, validate, done, best)
-            if done == plan.total_steps:
+            stopped = _stop_reason(best, done, config, goal)
+            if done == plan.total_steps or stopped:
                 plan.load_tensors(best["tensors"])
-        if done % config.checkpoint_every == 0 or done == plan.total_steps:
+        if done % config.checkpoint_every == 0 or done == plan.total_steps or stopped:
             now = time.perf_counter()
             means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             history.append({"step": done, **means, "steps_per_s": len(window) / max(now - tick, 1e-9)})
@@ -165,11 +188,15 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
             if selecting:
                 extra_meta = {"best": {k: v for k, v in best.items() if k != "tensors"}}
                 extra_tensors = {BEST + k: v for k, v in best["tensors"].items()}
+            if stopped:
+                extra_meta["stopped"] = {"step": done, "reason": stopped}
             if ranks.main:
                 save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info, **extra_meta},
                                 {**plan.tensors(), **opt_tensors, **extra_tensors}, done)
             distributed.barrier(ranks)
         bar(done, logged[0], dict(zip(parts, logged[1:])))
+        if stopped:
+            break
     bar.close()
     distributed.barrier(ranks)
     index, _ = load_checkpoint(out)
@@ -177,18 +204,34 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
 
 
 def _on_main(validate: Validate, ranks: distributed.Ranks) -> Validate:
-    """Validation runs on rank 0 only; every rank gets its score (they hold the same tensors)."""
-    return lambda: distributed.from_main(float(validate()) if ranks.main else 0.0, ranks)
+    """Validation runs on rank 0 only; every rank gets its score (they hold the same tensors), rank 0 its details."""
+    def on_main():
+        result = validate() if ranks.main else 0.0
+        score, details = result if isinstance(result, tuple) else (result, None)
+        return distributed.from_main(float(score), ranks), details
+
+    return on_main
 
 
 def _scored(plan: Plan, validate: Validate, step: int, best: dict) -> dict:
     """Score the plan's current tensors; the new best record (step, score, evals, tensors) or the old one."""
-    score = float(validate())
-    evals = [*best["evals"], {"step": step, "score": score}]
+    result = validate()
+    score, details = (float(result[0]), result[1]) if isinstance(result, tuple) else (float(result), None)
+    evals = [*best["evals"], {"step": step, "score": score, **({"details": details} if details is not None else {})}]
     if score > best["score"]:
         return {"step": step, "score": score, "evals": evals,
                 "tensors": {k: v.detach().clone() for k, v in plan.tensors().items()}}
     return {**best, "evals": evals}
+
+
+def _stop_reason(best: dict, step: int, config: TrainConfig, goal: float | None) -> str | None:
+    """Why training stops early after the evaluation at `step` ("goal" or "patience"), or None."""
+    if goal is not None and best["score"] >= goal:
+        return "goal"
+    since_best = sum(1 for e in best["evals"] if e["step"] > best["step"])
+    if config.patience and since_best >= config.patience:
+        return "patience"
+    return None
 
 
 def _check_resumable(index: dict, meta: dict, out: Path) -> None:

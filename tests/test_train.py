@@ -241,6 +241,53 @@ def test_early_stopping_survives_a_resume(backbone, tmp_path):
     assert load_checkpoint(tmp_path / "split")[0]["best"]["step"] == 4
 
 
+def test_patience_stops_early_keeps_the_best_and_a_resume_returns_it(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=40, eval_every=4, patience=2)
+    plan = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    validate, seen = scripted_validate(plan, [0.1, 0.5, 0.4, 0.3, 0.9])   # steps 0, 4, 8, 12: two without a new best
+    index = fit(plan, src, cfg, tmp_path / "r", progress=False, validate=validate)
+    assert index["stopped"] == {"step": 12, "reason": "patience"} and index["step"] == 12 and len(seen) == 4
+    torch.testing.assert_close(load_trained(tmp_path / "r").prompt.tensors()["prompt.shared"],
+                               seen[1]["prompt.shared"], rtol=0, atol=0)
+    again = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    resumed = fit(again, src, cfg, tmp_path / "r", resume=True, progress=False,
+                  validate=scripted_validate(again, [])[0])                # a stopped run trains and scores nothing
+    assert resumed["step"] == 12 and resumed["stopped"]["reason"] == "patience"
+
+
+def test_goal_stops_as_soon_as_the_dev_score_reaches_it(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    cfg = config(steps=40, eval_every=4)
+    plan = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+    validate, _ = scripted_validate(plan, [(-0.5, {"polarity": 0.1}), (-0.1, {"polarity": 0.5}), (0.0, {"polarity": 0.9})])
+    index = fit(plan, src, cfg, tmp_path / "r", progress=False, validate=validate, goal=-0.02)
+    assert index["stopped"] == {"step": 8, "reason": "goal"}
+    assert [e["details"] for e in index["best"]["evals"]] == [{"polarity": 0.1}, {"polarity": 0.5}, {"polarity": 0.9}]
+
+
+def test_warmup_scales_the_learning_rate_linearly_then_holds_it():
+    cfg = TrainConfig(warmup=4)
+    assert [cfg.warmup_factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert TrainConfig().warmup_factor(0) == 1.0
+    with pytest.raises(ValueError, match="patience needs eval_every"):
+        TrainConfig(patience=3)
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(warmup=-1)
+
+
+def test_warmup_makes_the_first_steps_smaller(backbone, tmp_path):
+    src = encoded(backbone, "polarity")
+    moved = {}
+    for warmup in (0, 10):
+        cfg = config(steps=1, warmup=warmup)
+        plan = stages.prompt_tuning("pt", backbone, src, cfg, PROMPT)
+        before = plan.prompt.shared[0].detach().clone()
+        fit(plan, src, cfg, tmp_path / f"w{warmup}", progress=False)
+        moved[warmup] = float((plan.prompt.shared[0].detach() - before).norm())
+    assert moved[10] == pytest.approx(moved[0] / 10, rel=1e-3)
+
+
 def test_dev_scorer_scores_the_live_prompt(backbone, tmp_path):
     src = encoded(backbone, "polarity")
     cfg = config(steps=4)
@@ -249,7 +296,8 @@ def test_dev_scorer_scores_the_live_prompt(backbone, tmp_path):
     validate = dev_scorer(backbone, plan, dev, max_length=32)   # built before training, read after
     fit(plan, src, cfg, tmp_path / "r", progress=False)
     saved = evaluate_trained(backbone, load_trained(tmp_path / "r"), dev, max_length=32)
-    assert validate() == pytest.approx(saved["polarity"]["accuracy"])
+    score, per_task = validate()
+    assert score == pytest.approx(saved["polarity"]["accuracy"]) and per_task == {"polarity": score}
     with pytest.raises(ValueError, match="polarity"):
         dev_scorer(backbone, plan, [synthetic_task("topic", 8)], max_length=32)
 
