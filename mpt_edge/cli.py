@@ -171,8 +171,15 @@ def train_teachers(
 @train_app.command("source")
 @_cli_errors
 def train_source(
-    teachers: Annotated[Path, typer.Option(help="Checkpoint folder of `train teachers`.")],
-    out: Out, config: Config = None, tasks: Annotated[str, typer.Option(help="Source tasks (default: the teachers).")] = "",
+    teachers: Annotated[Optional[Path], typer.Option(help="Checkpoint folder of `train teachers`.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (with --recipe: the source in shipped format, "
+                                                     "default runs/sources/NAME).")] = None,
+    config: Config = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Build a source from a recipe TOML file (or a shipped "
+                                                       "recipe's name): teachers to their dev plateau, then "
+                                                       "distillation; rerun the same command to resume.")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="--recipe: folder of the stage checkpoints "
+                                                      "(default runs/sources/NAME-work).")] = None, tasks: Annotated[str, typer.Option(help="Source tasks (default: the teachers).")] = "",
     backbone: Backbone = "smollm2-135m", data: DataDir = None, steps: Steps = 300, batch_size: BatchSize = 8,
     max_length: MaxLength = 128, rank: Rank = 1, lr_prompt: LrPrompt = 0.03, lr_factors: LrFactors = 0.4,
     lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
@@ -186,7 +193,14 @@ def train_source(
     """Stage 2: distil the teachers into one shared prompt P* and per-task factors U, V.
 
     Example: mpt-edge train source --teachers runs/teachers --out runs/source --steps 200
+    Example: mpt-edge train source --recipe smollm2-135m    (stages 1 and 2 from a recipe; resumable)
     """
+    if recipe is not None:
+        return _source_from_recipe(recipe, out, work, data, quiet)
+    if teachers is None or out is None:
+        from mpt_edge.tasks import TaskError
+
+        raise TaskError("give --teachers CHECKPOINT and --out FOLDER, or --recipe FILE (which trains the teachers too)")
     from mpt_edge import stages
     from mpt_edge.backbones import load_backbone
     from mpt_edge.datasets import load_split
@@ -208,12 +222,31 @@ def train_source(
     _fit_and_report(plan, encoded, cfg, out, resume, quiet)
 
 
+def _source_from_recipe(recipe: str, out: Optional[Path], work: Optional[Path], data: Optional[Path], quiet: bool):
+    from mpt_edge.recipe import RecipeError, read_recipe
+    from mpt_edge.shipped import shipped_recipe
+    from mpt_edge.source_build import build_source, write_shipped
+
+    path = Path(recipe) if Path(recipe).is_file() else shipped_recipe(recipe)
+    if path is None:
+        raise RecipeError(f"no recipe {recipe!r}: not a file and not a shipped recipe name")
+    plan = read_recipe(path)
+    out = out or Path("runs/sources") / plan.name
+    work = work or Path("runs/sources") / f"{plan.name}-work"
+    prov = build_source(plan, work, _data_dir(data), progress=not quiet, log=lambda msg: typer.echo(msg, err=True))
+    index = write_shipped(out, work, path, prov)
+    gaps = ", ".join(f"{k} {100 * v:+.1f}" for k, v in prov["source"]["gap"].items())
+    typer.echo(f"source {plan.name}: dev gap to the teachers (points) {gaps}; goal "
+               f"{'met' if prov['source']['goal_met'] else 'NOT met'} → {index.parent}")
+
+
 @train_app.command("target")
 @_cli_errors
 def train_target(
     tasks: Tasks, out: Out, config: Config = None,
     method: Annotated[str, typer.Option(help="mpt (from --source), pt (vanilla), spot (from one source prompt), head (encoder, no prompt).")] = "mpt",
-    source: Annotated[Optional[Path], typer.Option(help="Checkpoint of `train source` (mpt) or any prompt checkpoint (spot).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="A shipped source by name (smollm2-135m, minilm-l6), a shipped-format "
+                                                       "folder, or a checkpoint of `train source` (mpt) or any prompt checkpoint (spot).")] = None,
     mode: Annotated[str, typer.Option(help="mpt: full (P* per task), factors (P* frozen), group (shared trained P*).")] = "full",
     factor_init: Annotated[str, typer.Option(help="mpt: mean (paper), shared-only, or a source task name.")] = "mean",
     spot_task: Annotated[str, typer.Option(help="spot: the source task whose prompt initialises the target.")] = "",
@@ -237,7 +270,8 @@ def train_target(
     from mpt_edge.evaluate import dev_scorer
     from mpt_edge.prompt import PromptConfig
     from mpt_edge.tasks import TaskError
-    from mpt_edge.trained import fixed_prompts, load_trained
+    from mpt_edge.shipped import resolve_source
+    from mpt_edge.trained import fixed_prompts
 
     methods = ("mpt", "pt", "spot", "head")
     if method not in methods:
@@ -257,7 +291,7 @@ def train_target(
         plan = stages.prompt_tuning("pt", bb, encoded, cfg, PromptConfig(length=prompt_length), init, init_text,
                                     pooling=pooling)
     else:
-        run = load_trained(source)
+        run = resolve_source(source)
         run.check_backbone(bb, source)
         if method == "mpt":
             plan = stages.target(bb, encoded, run, cfg, mode, factor_init, pooling)

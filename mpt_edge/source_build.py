@@ -1,0 +1,171 @@
+"""Build a source prompt from a recipe: teachers to their dev plateau, then distillation to within a gap of them.
+
+    build_source(recipe, work)  →  work/teachers/<task>/   one checkpoint per source task (stage 1)
+                                   work/source/            the distilled source (stage 2)
+                                   work/wall.json          wall seconds per stage, summed over calls
+
+Every stage resumes from its checkpoint, so rerunning the same command after an interruption continues where
+it stopped; a finished stage is read back, not retrained. `write_shipped` then writes the result in the shipped
+format with its provenance record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mpt_edge
+from mpt_edge import stages
+from mpt_edge.atomic import write_text_atomic
+from mpt_edge.batching import encode_tasks, eos_id
+from mpt_edge.checkpoint import load_checkpoint
+from mpt_edge.datasets import load_split, task_folder
+from mpt_edge.evaluate import dev_scorer
+from mpt_edge.losses import DistillConfig
+from mpt_edge.recipe import Recipe
+from mpt_edge.shipped import RECIPE, combine_teachers, save_source
+from mpt_edge.train import TrainConfig, fit
+from mpt_edge.trained import Trained, load_trained
+
+Log = Callable[[str], None]
+
+
+def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool = True,
+                 log: Log = lambda message: None) -> dict:
+    """Run (or resume) both stages of `recipe` in `work`; returns the provenance record."""
+    from mpt_edge.backbones import load_backbone
+
+    work = Path(work)
+    backbone = load_backbone(recipe.backbone)
+    train = load_split(recipe.sources, data_dir, "train", k_per_class=recipe.k_per_class, seed=recipe.seed)
+    dev = load_split(recipe.sources, data_dir, "dev", limit=recipe.dev_limit, seed=0)
+    eos = eos_id(backbone.model)
+    teacher_runs = []
+    for task, dev_task in zip(train, dev):
+        folder = work / "teachers" / task.spec.name
+        config = TrainConfig(**recipe.teachers.train_options(seed=recipe.seed, max_length=recipe.max_length))
+        encoded = encode_tasks([task], backbone.tokenizer, config.max_length, eos)
+        plan = stages.prompt_tuning("teachers", backbone, encoded, config, recipe.prompt, pooling=recipe.pooling)
+        log(f"teacher {task.spec.name}: up to {config.steps} steps, dev every {config.eval_every}, patience {config.patience}")
+        with _timed(work, f"teacher:{task.spec.name}"):
+            index = fit(plan, encoded, config, folder, resume=True, progress=progress,
+                        validate=dev_scorer(backbone, plan, [dev_task], max_length=config.max_length))
+        log(f"teacher {task.spec.name}: dev {100 * index['best']['score']:.1f} at step {index['best']['step']} "
+            f"({_ended(index)})")
+        teacher_runs.append(load_trained(folder))
+    teachers = combine_teachers(teacher_runs)
+    teacher_dev = {t.spec.name: _best(work / "teachers" / t.spec.name)["score"] for t in train}
+
+    stage = recipe.source
+    config = TrainConfig(**stage.train_options(seed=recipe.seed, max_length=recipe.max_length,
+                                               max_tasks=stage.max_tasks, mixing_cap=stage.mixing_cap))
+    encoded = encode_tasks(train, backbone.tokenizer, config.max_length, eos)
+    plan = stages.source(backbone, encoded, teachers, config, recipe.rank,
+                         DistillConfig(stage.distill_weight, stage.temperature), pooling=recipe.pooling)
+    scorer = dev_scorer(backbone, plan, dev, max_length=config.max_length)
+
+    def worst_gap():
+        _, accuracy = scorer()
+        gaps = {name: accuracy[name] - teacher_dev[name] for name in accuracy}
+        return min(gaps.values()), {"accuracy": accuracy, "gap": gaps}
+
+    log(f"source: up to {config.steps} steps until every task is within {100 * stage.gap:.1f} points of its teacher")
+    with _timed(work, "source"):
+        index = fit(plan, encoded, config, work / "source", resume=True, progress=progress, validate=worst_gap,
+                    goal=-stage.gap)
+    log(f"source: worst gap {100 * index['best']['score']:+.1f} points at step {index['best']['step']} ({_ended(index)})")
+    return provenance(recipe, work, data_dir, teacher_dev)
+
+
+def provenance(recipe: Recipe, work: Path, data_dir: Path, teacher_dev: dict[str, float]) -> dict:
+    """What produced the source: recipe, data manifests (archive hashes), per-stage steps, dev scores, time, machine."""
+    source = load_checkpoint(work / "source")[0]
+    best = source["best"]
+    details = next(e["details"] for e in best["evals"] if e["step"] == best["step"])
+    teachers = {}
+    for name in recipe.sources:
+        index = load_checkpoint(work / "teachers" / name)[0]
+        teachers[name] = {"steps": index["step"], "best_step": index["best"]["step"], "ended": _ended(index),
+                          "dev_accuracy": round(index["best"]["score"], 4)}
+    return {
+        "recipe": recipe.to_json(),
+        "split": {"sources": list(recipe.sources), "held_out_targets": list(recipe.held_out),
+                  "note": "held-out targets are evaluation tasks and never source tasks"},
+        "data": {name: _manifest(task_folder(name, data_dir)) for name in recipe.sources},
+        "teachers": teachers,
+        "source": {"steps": source["step"], "best_step": best["step"], "ended": _ended(source),
+                   "gap_goal": recipe.source.gap, "goal_met": best["score"] >= -recipe.source.gap,
+                   "dev_accuracy": {k: round(v, 4) for k, v in details["accuracy"].items()},
+                   "teacher_dev_accuracy": {k: round(v, 4) for k, v in teacher_dev.items()},
+                   "gap": {k: round(v, 4) for k, v in details["gap"].items()}},
+        "wall_seconds": _wall(work),
+        "machine": machine(),
+        "mpt_edge_version": mpt_edge.__version__,
+    }
+
+
+def write_shipped(out: Path, work: Path, recipe_path: Path, prov: dict) -> Path:
+    """The distilled source of `work` in the shipped format at `out`, with its provenance and recipe file."""
+    source: Trained = load_trained(work / "source")
+    index = save_source(out, source, prov)
+    write_text_atomic(Path(out) / RECIPE, Path(recipe_path).read_text())
+    return index
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def _best(folder: Path) -> dict:
+    return load_checkpoint(folder)[0]["best"]
+
+
+def _ended(index: dict) -> str:
+    stopped = index.get("stopped")
+    return f"stopped at step {stopped['step']}: {stopped['reason']}" if stopped else f"budget of {index['step']} steps spent"
+
+
+def _manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return {"folder": str(folder), "manifest": None, "note": "a local task folder, not fetched by `mpt-edge data fetch`"}
+    manifest = json.loads(path.read_text())
+    keep = ("package", "version", "members", "archive", "archive_sha256", "seed", "counts")
+    return {k: manifest.get(k) for k in keep}
+
+
+def _wall(work: Path) -> dict[str, float]:
+    path = work / "wall.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class _timed:
+    """Adds the wall seconds of a stage call to work/wall.json when the call returns (an interrupted call's time
+    is lost, so the record is a lower bound after interruptions)."""
+
+    def __init__(self, work: Path, key: str):
+        self.work, self.key = work, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            wall = _wall(self.work)
+            wall[self.key] = round(wall.get(self.key, 0.0) + time.perf_counter() - self.start, 1)
+            wall["total"] = round(sum(v for k, v in wall.items() if k != "total"), 1)
+            write_text_atomic(self.work / "wall.json", json.dumps(wall, indent=2) + "\n")
+        return False
