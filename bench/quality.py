@@ -35,6 +35,7 @@ from mpt_edge.datasets import load_split
 from mpt_edge.evaluate import dev_scorer, evaluate, evaluate_trained, evaluate_zero_shot
 from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
+from mpt_edge.shipped import resolve_source
 from mpt_edge.tasks import first_n
 from mpt_edge.train import TrainConfig, fit
 from mpt_edge.trained import fixed_prompts, load_trained
@@ -45,14 +46,25 @@ HERE = Path(__file__).parent
 METHODS = ("baseline", "pt", "spot", "mpt-full", "mpt-factors", "finetune")
 BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "medium": ("medium.toml", "medium-minilm.toml"),
            "full": ("full.toml", "full-minilm.toml")}
-# optional suite keys: ablations reuse another suite's stages ("teachers_from", "source_from": a suite name)
+# optional suite keys: ablations reuse another suite's stages ("teachers_from", "source_from": a suite name);
+# "shipped_source" (a name or folder, see `mpt_edge.shipped`) replaces stages 1-2: SPoT then starts from the
+# source-task prompt of the shipped source that scores best on the target's dev split; "lr_grid" (list of
+# {"lr_prompt", "lr_factors", "warmup"} dicts) trains every method once per entry and keeps the entry whose
+# best dev score is highest (ties: the first), so learning rates are selected on dev, never on test.
 DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9, "lr_factors": TrainConfig.lr_factors,
-            "teachers_from": None, "source_from": None}
+            "lr_prompt": TrainConfig.lr_prompt, "warmup": TrainConfig.warmup, "teachers_from": None,
+            "source_from": None, "shipped_source": None, "lr_grid": None, "curve": False}
+# "curve": every dev evaluation also scores the test subset and records both (learning curves); only the dev
+# score selects anything
 
 
 def source_stage(suite: dict, backbone, work: Path) -> tuple:
     """Teachers and the distilled source checkpoint, trained once per suite (resumed when interrupted), or
     taken from the suites named by `teachers_from` / `source_from`."""
+    if suite["shipped_source"]:
+        source = resolve_source(suite["shipped_source"])
+        source.check_backbone(backbone, suite["shipped_source"])
+        return source, source
     data = default_data_dir()
     train = load_split(suite["sources"], data, "train", k_per_class=suite["source_k"], seed=0)
     encoded = encode_tasks(train, backbone.tokenizer, suite["max_length"])
@@ -95,7 +107,22 @@ def _score_sources(backbone, teachers, target: str, max_length: int) -> dict[str
 
 
 def one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, method: str, work: Path) -> dict:
-    """Train one method on one target/k/seed and score it on the fixed test subset."""
+    """Train one method on one target/k/seed and score it on the fixed test subset; with an `lr_grid`, once
+    per grid entry, keeping the entry with the best dev score."""
+    if not suite["lr_grid"] or method == "baseline":
+        return _one_run(suite, backbone, teachers, source, target, k, seed, method, work)
+    tried = []
+    for i, rates in enumerate(suite["lr_grid"]):
+        result = _one_run({**suite, **rates}, backbone, teachers, source, target, k, seed, method, work, f"-lr{i}")
+        tried.append({**rates, "dev": result["extra"]["best"]["score"], "test": result["scores"]["accuracy"]})
+        if i == 0 or tried[-1]["dev"] > max(t["dev"] for t in tried[:-1]):
+            chosen = result
+    chosen["extra"]["lr_grid"] = tried
+    return chosen
+
+
+def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, method: str, work: Path,
+             tag: str = "") -> dict:
     data = default_data_dir()
     if k == "full":
         train = [first_n(t, suite["full_cap"], seed) for t in load_split([target], data, "train", seed=seed)]
@@ -104,9 +131,10 @@ def one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, 
     test = load_split([target], data, "test", limit=suite["test_limit"], seed=0)
     dev = load_split([target], data, "dev", limit=suite["dev_limit"], seed=0)
     config = TrainConfig(steps=suite["steps"], max_length=suite["max_length"], seed=seed, checkpoint_every=10**6,
-                         eval_every=suite["eval_every"], lr_factors=suite["lr_factors"])
+                         eval_every=suite["eval_every"], lr_factors=suite["lr_factors"], lr_prompt=suite["lr_prompt"],
+                         warmup=suite["warmup"])
     encoded = encode_tasks(train, backbone.tokenizer, config.max_length)
-    out = work / "runs" / f"{target}-k{k}-s{seed}-{method}"
+    out = work / "runs" / f"{target}-k{k}-s{seed}-{method}{tag}"
     extra = {}
     if method == "baseline" and backbone.family == "causal":
         return {"scores": evaluate_zero_shot(backbone, test, max_length=config.max_length)[target], "extra": extra}
@@ -126,12 +154,24 @@ def one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int, 
     else:
         plan = stages.target(backbone, encoded, source, config, mode=method.removeprefix("mpt-"))
     validate = dev_scorer(backbone, plan, dev, max_length=config.max_length) if config.eval_every else None
+    if validate is not None and suite["curve"]:
+        validate = with_test_curve(validate, dev_scorer(backbone, plan, test, max_length=config.max_length))
     index = fit(plan, encoded, config, out, resume=True, progress=False, validate=validate)
     if "best" in index:
         extra["best"] = {"step": index["best"]["step"], "score": index["best"]["score"]}
         extra["evals"] = index["best"]["evals"]
     return {"scores": evaluate_trained(backbone, load_trained(out), test, max_length=config.max_length)[target],
             "extra": extra}
+
+
+def with_test_curve(dev_validate, test_validate):
+    """A validate that selects on dev and records test beside it: (dev, {"dev": dev, "test": test})."""
+    def validate():
+        dev, _ = dev_validate()
+        test, _ = test_validate()
+        return dev, {"dev": dev, "test": test}
+
+    return validate
 
 
 def accuracies(runs: list[dict], target: str, k, method: str) -> dict[int, float]:

@@ -37,7 +37,8 @@ def classifier_for(backbone, specs, heads: TaskHeads | None, pooling: str = "mea
         if heads is None:
             raise ValueError("the encoder family needs task heads")
         return Classifier(backbone.model, adapter_for("encoder", pooling=pooling), heads)
-    adapter = adapter_for(backbone.family)
+    # causal: each distinct prompt's positions run once per batch, their KV shared by its rows (same outputs)
+    adapter = adapter_for(backbone.family, **({"shared_prefix": True} if backbone.family == "causal" else {}))
     return Classifier(backbone.model, adapter, VerbalizerScorer.build(adapter, backbone.model, specs, backbone.tokenizer),
                       SequenceLabels.build(specs, backbone.tokenizer))
 

@@ -85,3 +85,28 @@ def test_family_lookup_and_errors():
         family_for_model_type("bart")
     with pytest.raises(ValueError, match="pooling"):
         adapter_for("encoder", pooling="max")
+
+
+@pytest.mark.parametrize("make", ["llama", "gpt2"])
+def test_shared_prompt_prefix_gives_the_plain_forward_and_its_gradients(make):
+    """Training runs each distinct prompt once and shares its KV across rows: same outputs and prompt gradients
+    as prepending the prompt to every row (right padding, rows of two tasks interleaved)."""
+    from conftest import tiny_llama_backbone
+    from test_generation import tiny_gpt2_backbone
+
+    backbone = tiny_llama_backbone() if make == "llama" else tiny_gpt2_backbone()
+    encoded = encode_tasks([synthetic_task("polarity", 8), synthetic_task("topic", 8)], backbone.tokenizer, 32)
+    batch = collate(encoded, [(0, 0), (1, 3), (0, 5), (1, 1), (0, 2)])
+    assert (batch.attention_mask == 0).any(), "the test needs rows of different lengths"
+    base = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for shared in (False, True):
+        prompts = base.clone().requires_grad_(True)
+        out = adapter_for("causal", shared_prefix=shared).forward(backbone.model, prompts[batch.task_ids],
+                                                                  batch.input_ids, batch.attention_mask)
+        real = batch.attention_mask.bool()
+        (out.features.square().sum() + out.hidden[real].square().mean()).backward()
+        results.append((out.features, out.hidden[real], prompts.grad))
+    for plain, shared in zip(*results):
+        torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5)
+    assert results[0][2].abs().sum() > 0

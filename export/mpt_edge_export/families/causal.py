@@ -18,17 +18,47 @@ from mpt_edge_export.families.base import MASKED_LOGIT, PromptedOutput, prompted
 @dataclass(frozen=True)
 class CausalAdapter:
     name: str = "causal"
+    shared_prefix: bool = False   # training: run each distinct prompt once and share its KV across rows
 
     def forward(self, model: nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, target_mask: torch.Tensor | None = None) -> PromptedOutput:
         """prompt (B, l, d) or None, input_ids/attention_mask (B, n), right-padded → PromptedOutput.
         Targets stay in the row (teacher forcing in one sequence), so `target_mask` is not needed here."""
+        if self.shared_prefix and prompt is not None:
+            return self._forward_shared_prefix(model, prompt, input_ids, attention_mask)
         embeds, mask = prompted_inputs(model, prompt, input_ids, attention_mask)
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         prompt_len = hidden.shape[1] - input_ids.shape[1]
         last = prompt_len + attention_mask.sum(dim=1) - 1
         features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return PromptedOutput(features=features, hidden=hidden[:, prompt_len:])
+
+    def _forward_shared_prefix(self, model: nn.Module, prompt: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> PromptedOutput:
+        """The same output as the plain forward, computed with the prompt positions run once per distinct prompt.
+
+        Attention is causal and the prompt comes first, so the prompt's keys and values do not depend on the
+        row's tokens: rows that share a prompt (a task's rows in a batch) share one prefix pass (U, l) whose
+        cache is gathered to the B rows; the tokens (B, n) then run on top of it. Gradients reach the prompt
+        through the gathered cache (summed over the rows, as in the plain forward). With l prompt vectors and
+        n tokens per row this costs U·l + B·n positions instead of B·(l + n).
+        """
+        rows = prompt.shape[0]
+        with torch.no_grad():
+            _, inverse = torch.unique(prompt.detach().reshape(rows, -1), dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), rows, dtype=torch.long, device=prompt.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(rows, device=prompt.device), reduce="amin")
+        embeds = model.get_input_embeddings()(input_ids)
+        if prompt.shape[-1] != embeds.shape[-1]:
+            raise ValueError(f"prompt shape {tuple(prompt.shape)} does not fit hidden size {embeds.shape[-1]}")
+        cache = model.base_model(inputs_embeds=prompt[first].to(embeds.dtype), use_cache=True).cache
+        cache.reorder_cache(inverse)                                              # (U, ...) → (B, ...) rows
+        mask = torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, cache=cache,
+                                  use_cache=True).last_hidden_state              # (B, n, d): token positions only
+        last = attention_mask.sum(dim=1) - 1
+        features = hidden[torch.arange(rows, device=hidden.device), last]
+        return PromptedOutput(features=features, hidden=hidden)
 
     def answer_logits(self, model: nn.Module, out: PromptedOutput, input_ids: torch.Tensor,
                       target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
