@@ -3,8 +3,9 @@ optimizer (not run by CI).
 
     python bench/step_profile.py [--backbones smollm2-135m,minilm-l6] [--steps 10] [--prompt-length 100]
 
-Times each phase of a vanilla-PT (teacher) step and an MPT target step on real data, after 2 warm-up steps,
-and writes bench/results/step_profile.json. Phases are timed with perf_counter around each call (torch on
+Times each phase of a vanilla-PT (teacher) step and an MPT target step on real data, after 2 warm-up steps;
+for causal backbones also the PT step with the prompt prepended to every row (`pt-plain-prefix`, the forward
+before training shared each prompt's positions across its rows), side by side in one run. Writes bench/results/step_profile.json. Phases are timed with perf_counter around each call (torch on
 CPU runs synchronously), so the shares add up to the step.
 """
 
@@ -27,9 +28,11 @@ from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.losses import Totals, batch_task_loss
 from mpt_edge.prompt import PromptConfig
+from mpt_edge.scoring import Classifier
 from mpt_edge.source_build import machine
 from mpt_edge.train import TrainConfig
 from mpt_edge.trained import Trained
+from mpt_edge_export.families import adapter_for
 
 PHASES = ("data", "compose", "forward", "loss", "backward", "optimizer")
 
@@ -67,6 +70,9 @@ def measure(name: str, steps: int, prompt_length: int, max_length: int, batch_si
     plan = stages.prompt_tuning("pt", backbone, encoded, config, PromptConfig(length=prompt_length))
     classifier = stages.classifier_for(backbone, [encoded[0].spec], plan.heads)
     results = {"pt": profile(plan, encoded, config, classifier, steps)}
+    if backbone.family == "causal":   # the same step with the prompt prepended to every row (before sharing)
+        plain = Classifier(backbone.model, adapter_for("causal"), classifier.scorer, classifier.sequences)
+        results["pt-plain-prefix"] = profile(plan, encoded, config, plain, steps)
     source = Trained({**plan.meta, "stage": "source"}, [encoded[0].spec], plan.prompt, plan.heads)
     target = stages.target(backbone, encoded, source, config, mode="full")
     results["mpt-full"] = profile(target, encoded, config, stages.classifier_for(backbone, [encoded[0].spec],
@@ -90,9 +96,9 @@ def main() -> None:
                                                      args.batch_size)
         print(f"\n{name} (batch {args.batch_size}, l={args.prompt_length}, ≤{args.max_length} tokens), "
               f"median seconds per phase")
-        print(f"{'stage':<10} " + " ".join(f"{p:>10}" for p in PHASES) + f" {'step':>8}")
+        print(f"{'stage':<16} " + " ".join(f"{p:>10}" for p in PHASES) + f" {'step':>8}")
         for stage, r in result.items():
-            print(f"{stage:<10} " + " ".join(f"{r['seconds'][p]:>10.4f}" for p in PHASES) + f" {r['step']:>8.3f}")
+            print(f"{stage:<16} " + " ".join(f"{r['seconds'][p]:>10.4f}" for p in PHASES) + f" {r['step']:>8.3f}")
     out = Path(__file__).parent / "results" / "step_profile.json"
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"\nwritten {out}")

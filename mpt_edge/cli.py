@@ -59,6 +59,7 @@ CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")
 Resume = Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")]
 Pooling = Annotated[str, typer.Option(help="Encoder pooling: mean or cls.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
+Warmup = Annotated[int, typer.Option(help="Steps over which every learning rate rises linearly to its value (0 = none).")]
 
 
 def _cli_errors(func):
@@ -258,6 +259,9 @@ def train_target(
     eval_every: Annotated[int, typer.Option(help="Early stopping: score the dev split every N steps (and before "
                                                  "training) and keep the best prompt; 0 = off.")] = 0,
     dev_limit: Annotated[Optional[int], typer.Option(help="Cap on dev examples per task for --eval-every.")] = 200,
+    patience: Annotated[int, typer.Option(help="Stop after this many dev evaluations without a new best "
+                                               "(needs --eval-every; 0 = spend every step).")] = 0,
+    warmup: Warmup = 0,
     checkpoint_every: CheckpointEvery = 50, pooling: Pooling = "mean", resume: Resume = False, quiet: Quiet = False,
 ):
     """Stage 3: adapt to target tasks (MPT), or train a baseline (pt, spot, head) on them.
@@ -280,7 +284,7 @@ def train_target(
         raise TaskError(f"--method {method} needs --source CHECKPOINT")
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
                         lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every,
-                        eval_every=eval_every)
+                        eval_every=eval_every, patience=patience, warmup=warmup)
     train = load_split(_names(tasks), _data_dir(data), "train", k_per_class=k_per_class, seed=seed)
     dev = load_split(_names(tasks), _data_dir(data), "dev", limit=dev_limit, seed=0) if eval_every else []
     bb = load_backbone(backbone)
@@ -360,8 +364,9 @@ def quickstart_command(
     test_limit: Annotated[int, typer.Option(help="Test examples per task.")] = 300,
     fresh: Annotated[bool, typer.Option(help="Delete earlier quickstart results first.")] = False,
 ):
-    """Teachers + source distillation on two real tasks, target adaptation on a third, compared with
-    zero-shot and vanilla PT. About 10 minutes on 2 CPU cores; results land in OUT/results.json.
+    """Target adaptation from the backbone's shipped source prompt on a held-out task (tweet_sentiment),
+    compared with zero-shot and vanilla PT, then export and the runtime; without a shipped source, teachers and
+    a source are trained first (~10 minutes on 2 CPU cores). Results land in OUT/results.json.
 
     Example: mpt-edge quickstart
     """

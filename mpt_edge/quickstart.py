@@ -1,7 +1,9 @@
-"""The quickstart: the whole MPT pipeline on real data, small enough for 2 CPU cores (~10 minutes).
+"""The quickstart: MPT on real data, small enough for 2 CPU cores.
 
-Sources tweet_sentiment and reuters_r8 → teachers (vanilla PT) → distilled shared prompt → target
-rotten_tomatoes with k examples per class, compared with zero-shot and vanilla PT on the test split; then
+With a shipped source prompt for the backbone (`mpt_edge/sources/<name>`), the target tweet_sentiment (held out
+from that source) adapts from it directly: no teacher or source stage. Without one, sources rotten_tomatoes and
+newsgroups20 → teachers (vanilla PT) → distilled shared prompt first (~10 minutes). The target trains on k
+examples per class and is compared with zero-shot and vanilla PT (same prompt length) on the test split; then
 the MPT checkpoint is exported to a bundle and the torch-free runtime classifies the same test texts.
 Every stage resumes from its checkpoint, so running it again only redoes what is missing.
 """
@@ -25,6 +27,7 @@ from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.evaluate import evaluate_engine, evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
+from mpt_edge.shipped import resolve_source, shipped_names
 from mpt_edge.train import TrainConfig, fit
 from mpt_edge.trained import load_trained
 from mpt_edge_export.bundle import ExportOptions, write_bundle
@@ -34,8 +37,9 @@ from mpt_edge_export.bundle import ExportOptions, write_bundle
 class QuickstartConfig:
     out: Path = Path("runs/quickstart")
     backbone: str = "smollm2-135m"
-    sources: tuple[str, ...] = ("tweet_sentiment", "reuters_r8")
-    target: str = "rotten_tomatoes"
+    source: str | None = None     # shipped source name or folder; None: the backbone's shipped source, if any
+    sources: tuple[str, ...] = ("rotten_tomatoes", "newsgroups20")   # trained only without a shipped source
+    target: str = "tweet_sentiment"   # held out from the shipped sources
     steps: int = 40               # per stage and task
     k_per_class: int = 64         # target training examples per class (few-shot, as in the paper's setting)
     source_k_per_class: int = 256
@@ -64,10 +68,8 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     log(f"loading backbone {config.backbone}")
     backbone = load_backbone(config.backbone)
     before = fingerprint(backbone.model)
-    sources = load_split(config.sources, data, "train", k_per_class=config.source_k_per_class, seed=config.seed)
     target_train = load_split([config.target], data, "train", k_per_class=config.k_per_class, seed=config.seed)
     target_test = load_split([config.target], data, "test", limit=config.test_limit, seed=config.seed)
-    src_encoded = encode_tasks(sources, backbone.tokenizer, config.max_length)
     tgt_encoded = encode_tasks(target_train, backbone.tokenizer, config.max_length)
     prompt_cfg = PromptConfig(length=config.prompt_length, rank=config.rank)
     timings = {}
@@ -80,8 +82,20 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
                          "steps_per_s_last": round(index["history"][-1]["steps_per_s"], 3)}
         return load_trained(out / name)
 
-    teachers = run("teachers", stages.prompt_tuning("teachers", backbone, src_encoded, train_cfg, prompt_cfg), src_encoded)
-    source = run("source", stages.source(backbone, src_encoded, teachers, train_cfg, rank=config.rank), src_encoded)
+    source_name = config.source or (config.backbone if config.backbone in shipped_names() else None)
+    if source_name is not None:
+        source = resolve_source(source_name)
+        source.check_backbone(backbone, source_name)
+        prompt_cfg = PromptConfig(length=source.prompt.length, rank=source.prompt.rank)   # PT at the same l
+        log(f"[source] shipped source {source_name!r} (l={source.prompt.length}, sources: "
+            f"{', '.join(source.task_names)}): no teacher or source stage")
+    else:
+        log(f"[source] no shipped source for {config.backbone!r}: training teachers and a source first")
+        sources = load_split(config.sources, data, "train", k_per_class=config.source_k_per_class, seed=config.seed)
+        src_encoded = encode_tasks(sources, backbone.tokenizer, config.max_length)
+        teachers = run("teachers", stages.prompt_tuning("teachers", backbone, src_encoded, train_cfg, prompt_cfg),
+                       src_encoded)
+        source = run("source", stages.source(backbone, src_encoded, teachers, train_cfg, rank=config.rank), src_encoded)
     mpt = run("mpt", stages.target(backbone, tgt_encoded, source, train_cfg, mode="full"), tgt_encoded)
     pt = run("pt", stages.prompt_tuning("pt", backbone, tgt_encoded, train_cfg, prompt_cfg), tgt_encoded)
 
@@ -122,7 +136,7 @@ def _serve(bundle: Path, test) -> dict:
 
 def _table(config: QuickstartConfig, scores: dict, timings: dict) -> str:
     lines = [f"{config.target} test ({config.test_limit} examples), backbone {config.backbone}, "
-             f"k={config.k_per_class}/class, l={config.prompt_length}, {config.steps} steps per stage and task",
+             f"k={config.k_per_class}/class, {config.steps} steps per stage and task",
              f"{'method':<14} {'accuracy':>9} {'macro-F1':>9}"]
     lines += [f"{name:<14} {s['accuracy']:>9.4f} {s['macro_f1']:>9.4f}" for name, s in scores.items()]
     lines.append("timings: " + ", ".join(f"{k} {v['seconds']} s" for k, v in timings.items()))
