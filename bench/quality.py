@@ -196,16 +196,42 @@ def table(suite: dict, runs: list[dict]) -> str:
         lines.append(f"| {target} | {k} | {' | '.join(cells)} |")
     rivals = [m for m in methods if m not in ("baseline", "pt")]
     if "pt" in methods and rivals:
-        lines += ["", f"Paired difference against vanilla PT (points, mean ± std over seeds; n = {len(suite['seeds'])}):", "",
+        lines += ["", "Paired difference against vanilla PT (points, same seed and examples): mean [95% t-interval "
+                  f"over seeds]; 'all targets' averages each seed over the targets first; n = {len(suite['seeds'])}:", "",
                   f"| target | k | {' | '.join(m + ' − pt' for m in rivals)} |", "|" + " --- |" * (2 + len(rivals))]
         for target, k in rows:
-            pt = accuracies(runs, target, k, "pt")
-            cells = []
-            for method in rivals:
-                other = accuracies(runs, target, k, method)
-                cells.append(mean_std(other[s] - pt[s] for s in other if s in pt))
+            cells = [mean_interval(paired(runs, [target], k, method).values()) for method in rivals]
             lines.append(f"| {target} | {k} | {' | '.join(cells)} |")
+        if len(suite["targets"]) > 1:
+            for k in suite["k"]:
+                cells = [mean_interval(paired(runs, suite["targets"], k, method).values()) for method in rivals]
+                lines.append(f"| all targets | {k} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def paired(runs: list[dict], targets: list[str], k, method: str) -> dict[int, float]:
+    """{seed: method − pt accuracy (points), averaged over `targets`} for the seeds every target has."""
+    per_target = []
+    for target in targets:
+        pt, other = accuracies(runs, target, k, "pt"), accuracies(runs, target, k, method)
+        per_target.append({s: other[s] - pt[s] for s in other if s in pt})
+    seeds = set.intersection(*(set(d) for d in per_target)) if per_target else set()
+    return {s: statistics.mean(d[s] for d in per_target) for s in sorted(seeds)}
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_interval(values) -> str:
+    """'mean [lo, hi]': the 95% Student-t interval of the mean (n ≥ 2), else the mean alone."""
+    values = list(values)
+    if not values:
+        return "–"
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:+.1f}"
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
 def plot(suite: dict, runs: list[dict], path: Path) -> None:
@@ -232,6 +258,59 @@ def plot(suite: dict, runs: list[dict], path: Path) -> None:
         ax.set_xlabel("training examples per class (k)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{target} ({suite['backbone']})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curve_table(suite: dict, runs: list[dict]) -> str:
+    """Markdown: mean dev and test accuracy (%) over seeds at every evaluated step, per target, k and method."""
+    lines = []
+    for target in suite["targets"]:
+        for k in suite["k"]:
+            points = _curve_points(runs, target, k, suite["methods"])
+            steps = sorted({step for by_step in points.values() for step in by_step})
+            lines += ["", f"{target}, k = {k}: dev / test accuracy (%) by target step, mean over seeds", "",
+                      "| method | " + " | ".join(str(s) for s in steps) + " |", "|" + " --- |" * (1 + len(steps))]
+            for method, by_step in points.items():
+                cells = [f"{statistics.mean(by_step[s]['dev']):.1f} / {statistics.mean(by_step[s]['test']):.1f}"
+                         if s in by_step else "–" for s in steps]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _curve_points(runs: list[dict], target: str, k, methods) -> dict[str, dict[int, dict[str, list[float]]]]:
+    points: dict = {}
+    for r in runs:
+        if (r["target"], str(r["k"])) != (target, str(k)) or r["method"] not in methods:
+            continue
+        for e in r["extra"].get("evals", []):
+            if "details" in e and "test" in e["details"]:
+                cell = points.setdefault(r["method"], {}).setdefault(e["step"], {"dev": [], "test": []})
+                cell["dev"].append(100 * e["details"]["dev"])
+                cell["test"].append(100 * e["details"]["test"])
+    return points
+
+
+def curve_plot(suite: dict, runs: list[dict], path: Path) -> None:
+    """Test accuracy (solid) and dev accuracy (dashed) against target steps, one panel per target (first k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = suite["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for method, by_step in _curve_points(runs, target, suite["k"][0], suite["methods"]).items():
+            steps = sorted(by_step)
+            line, = ax.plot(steps, [statistics.mean(by_step[s]["test"]) for s in steps], marker="o", label=method)
+            ax.plot(steps, [statistics.mean(by_step[s]["dev"]) for s in steps], linestyle="--", color=line.get_color())
+        ax.set_xlabel("target steps")
+        ax.set_ylabel("accuracy (%): test solid, dev dashed")
+        ax.set_title(f"{target} ({suite['backbone']}, k = {suite['k'][0]})")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -274,6 +353,9 @@ def run_suite(suite: dict, work_root: Path) -> None:
                     print(f"[{suite['name']}] {target} k={k} seed={seed} {method}: "
                           f"{100 * result['scores']['accuracy']:.1f} ({row['seconds']:.0f} s)", flush=True)
     markdown = table(suite, runs)
+    if suite["curve"]:
+        markdown += "\n" + curve_table(suite, runs)
+        curve_plot(suite, runs, HERE / "results" / f"quality-{suite['name']}-curve.png")
     report = {"suite": suite, "runs": runs, "table": markdown, "seconds_this_call": round(time.perf_counter() - started),
               "seconds_all_runs": round(sum(r["seconds"] for r in runs))}
     write_text_atomic(HERE / "results" / f"quality-{suite['name']}.json", json.dumps(report, indent=2) + "\n")
