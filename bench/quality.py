@@ -37,7 +37,7 @@ from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source
 from mpt_edge.tasks import first_n
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.train import SOURCE_LR_FACTORS, TrainConfig, fit
 from mpt_edge.trained import fixed_prompts, load_trained
 
 from finetune import finetune_run
@@ -76,7 +76,8 @@ def source_stage(suite: dict, backbone, work: Path) -> tuple:
     teachers = load_trained(teachers_dir)
     if suite["source_from"]:
         return teachers, load_trained(work.parent / suite["source_from"] / "source")
-    source_cfg = TrainConfig(steps=suite["source_steps"], max_length=suite["max_length"], checkpoint_every=20)
+    source_cfg = TrainConfig(steps=suite["source_steps"], max_length=suite["max_length"], checkpoint_every=20,
+                             lr_factors=SOURCE_LR_FACTORS)
     distill = DistillConfig(weight=suite["source_distill"])
     fit(stages.source(backbone, encoded, teachers, source_cfg, distill=distill), encoded, source_cfg,
         work / "source", resume=True)

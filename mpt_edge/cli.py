@@ -51,7 +51,8 @@ MaxLength = Annotated[int, typer.Option(help="Input tokens per example (prompt n
 PromptLength = Annotated[int, typer.Option(help="Prompt vectors l (paper: 100).")]
 Rank = Annotated[int, typer.Option(help="Rank r of each task's factor pair (paper: 1).")]
 LrPrompt = Annotated[float, typer.Option(help="Adafactor relative-step cap for the prompt P* (paper: 0.3 absolute on T5).")]
-LrFactors = Annotated[float, typer.Option(help="Adafactor learning rate of U, V (paper: 0.4).")]
+LrFactors = Annotated[float, typer.Option(help="Adafactor relative-step cap of U, V (source: 0.4 as in the paper; "
+                                                "target: 0.015, see README 'Learning rates').")]
 LrHead = Annotated[float, typer.Option(help="Learning rate of encoder heads.")]
 Seed = Annotated[int, typer.Option(help="Seed of initialisation and sampling.")]
 KPerClass = Annotated[Optional[int], typer.Option(help="Train on k examples per class (few-shot).")]
@@ -182,7 +183,7 @@ def train_source(
     work: Annotated[Optional[Path], typer.Option(help="--recipe: folder of the stage checkpoints "
                                                       "(default runs/sources/NAME-work).")] = None, tasks: Annotated[str, typer.Option(help="Source tasks (default: the teachers).")] = "",
     backbone: Backbone = "smollm2-135m", data: DataDir = None, steps: Steps = 300, batch_size: BatchSize = 8,
-    max_length: MaxLength = 128, rank: Rank = 1, lr_prompt: LrPrompt = 0.03, lr_factors: LrFactors = 0.4,
+    max_length: MaxLength = 128, rank: Rank = 1, lr_prompt: LrPrompt = 0.03, lr_factors: LrFactors = 0.4,  # SOURCE_LR_FACTORS
     lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     distill_weight: Annotated[float, typer.Option(help="λ on KL + hidden MSE (paper: 0.9).")] = 0.9,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 1.0,
@@ -253,7 +254,7 @@ def train_target(
     spot_task: Annotated[str, typer.Option(help="spot: the source task whose prompt initialises the target.")] = "",
     backbone: Backbone = "smollm2-135m", data: DataDir = None, steps: Steps = 200, batch_size: BatchSize = 8,
     max_length: MaxLength = 128, prompt_length: PromptLength = 100, lr_prompt: LrPrompt = 0.03,
-    lr_factors: LrFactors = 0.4, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
+    lr_factors: LrFactors = 0.015, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="pt: prompt init vocab, random, text.")] = "vocab",
     init_text: Annotated[str, typer.Option(help="Text for --init text.")] = "",
     eval_every: Annotated[int, typer.Option(help="Early stopping: score the dev split every N steps (and before "

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mpt_edge_runtime as mer
@@ -28,7 +28,7 @@ from mpt_edge.datasets import load_split
 from mpt_edge.evaluate import evaluate_engine, evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source, shipped_names
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.train import SOURCE_LR_FACTORS, TrainConfig, fit
 from mpt_edge.trained import load_trained
 from mpt_edge_export.bundle import ExportOptions, write_bundle
 
@@ -74,10 +74,10 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     prompt_cfg = PromptConfig(length=config.prompt_length, rank=config.rank)
     timings = {}
 
-    def run(name, plan, encoded):
+    def run(name, plan, encoded, cfg=train_cfg):
         log(f"[{name}] {plan.total_steps} steps")
         tick = time.perf_counter()
-        index = fit(plan, encoded, train_cfg, out / name, resume=True)
+        index = fit(plan, encoded, cfg, out / name, resume=True)
         timings[name] = {"steps": index["step"], "seconds": round(time.perf_counter() - tick, 1),
                          "steps_per_s_last": round(index["history"][-1]["steps_per_s"], 3)}
         return load_trained(out / name)
@@ -95,7 +95,9 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
         src_encoded = encode_tasks(sources, backbone.tokenizer, config.max_length)
         teachers = run("teachers", stages.prompt_tuning("teachers", backbone, src_encoded, train_cfg, prompt_cfg),
                        src_encoded)
-        source = run("source", stages.source(backbone, src_encoded, teachers, train_cfg, rank=config.rank), src_encoded)
+        source_cfg = replace(train_cfg, lr_factors=SOURCE_LR_FACTORS)
+        source = run("source", stages.source(backbone, src_encoded, teachers, source_cfg, rank=config.rank), src_encoded,
+                     source_cfg)
     mpt = run("mpt", stages.target(backbone, tgt_encoded, source, train_cfg, mode="full"), tgt_encoded)
     pt = run("pt", stages.prompt_tuning("pt", backbone, tgt_encoded, train_cfg, prompt_cfg), tgt_encoded)
 

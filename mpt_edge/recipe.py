@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig
+from mpt_edge.train import SOURCE_LR_FACTORS, TrainConfig
 
 
 class RecipeError(ValueError):
@@ -67,6 +67,7 @@ class SourceStageRecipe(StageRecipe):
     gap: float = 0.02             # accuracy (0-1), i.e. 2 points
     distill_weight: float = DistillConfig.weight
     temperature: float = DistillConfig.temperature
+    lr_factors: float = SOURCE_LR_FACTORS
     max_tasks: int = TrainConfig.max_tasks
     mixing_cap: int = TrainConfig.mixing_cap
 

@@ -32,7 +32,8 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 128        # input tokens per example, prompt not counted
     lr_prompt: float = 0.03      # P*: cap on Adafactor's relative step (paper: 0.3 absolute on T5, see README)
-    lr_factors: float = 0.4      # U, V (paper: 0.4; factors sit near 1, so relative ≈ absolute)
+    lr_factors: float = 0.015    # U, V: cap on Adafactor's relative step; U V moves the composed prompt about as
+                                 # far per step as lr_prompt moves P* (the paper's 0.4 moved it 64% in one step)
     lr_head: float = 0.1         # encoder heads
     checkpoint_every: int = 50   # steps between checkpoints (and the last step)
     seed: int = 0
@@ -62,6 +63,8 @@ class TrainConfig:
         """Multiplier of every learning rate at 0-based `step`: (step + 1) / warmup during warmup, then 1."""
         return min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
 
+
+SOURCE_LR_FACTORS = 0.4          # stage 2 [paper]: factors start at ones and must specialise per source task
 
 LossFn = Callable[[Batch, Totals], tuple[torch.Tensor, dict[str, float]]]   # a shard, the global batch's totals
 Validate = Callable[[], "float | tuple[float, dict]"]   # dev score of the current tensors (higher is better),
