@@ -41,7 +41,7 @@ class StageRecipe:
     patience: int = 3             # evaluations without a new best before the stage stops
     batch_size: int = 8
     lr_prompt: float = TrainConfig.lr_prompt
-    lr_factors: float = TrainConfig.lr_factors
+    lr_factors: float = SOURCE_LR_FACTORS   # teachers train no factors; sources: the paper's 0.4
     lr_head: float = TrainConfig.lr_head
     warmup: int = 0
 
@@ -67,7 +67,6 @@ class SourceStageRecipe(StageRecipe):
     gap: float = 0.02             # accuracy (0-1), i.e. 2 points
     distill_weight: float = DistillConfig.weight
     temperature: float = DistillConfig.temperature
-    lr_factors: float = SOURCE_LR_FACTORS
     max_tasks: int = TrainConfig.max_tasks
     mixing_cap: int = TrainConfig.mixing_cap
 
