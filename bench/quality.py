@@ -237,14 +237,7 @@ def mean_interval(values) -> str:
 
 def plot(suite: dict, runs: list[dict], path: Path) -> None:
     """Accuracy vs k (categorical axis) per method, one panel per target, error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = suite["targets"]
-    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
-    for ax, target in zip(axes[0], targets):
+    def draw(ax, target):
         for offset, method in enumerate(suite["methods"]):
             xs, means, stds = [], [], []
             for i, k in enumerate(suite["k"]):
@@ -259,6 +252,20 @@ def plot(suite: dict, runs: list[dict], path: Path) -> None:
         ax.set_xlabel("training examples per class (k)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{target} ({suite['backbone']})")
+
+    save_panels(suite["targets"], draw, path)
+
+
+def save_panels(targets: list[str], draw, path: Path) -> None:
+    """One matplotlib panel per target, filled by `draw(ax, target)`, saved as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        draw(ax, target)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -297,14 +304,7 @@ def _curve_points(runs: list[dict], target: str, k, methods) -> dict[str, dict[i
 
 def curve_plot(suite: dict, runs: list[dict], path: Path) -> None:
     """Test accuracy (solid) and dev accuracy (dashed) against target steps, one panel per target (first k)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = suite["targets"]
-    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
-    for ax, target in zip(axes[0], targets):
+    def draw(ax, target):
         for method, by_step in _curve_points(runs, target, suite["k"][0], suite["methods"]).items():
             steps = sorted(by_step)
             line, = ax.plot(steps, [statistics.mean(by_step[s]["test"]) for s in steps], marker="o", label=method)
@@ -312,11 +312,8 @@ def curve_plot(suite: dict, runs: list[dict], path: Path) -> None:
         ax.set_xlabel("target steps")
         ax.set_ylabel("accuracy (%): test solid, dev dashed")
         ax.set_title(f"{target} ({suite['backbone']}, k = {suite['k'][0]})")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    save_panels(suite["targets"], draw, path)
 
 
 def read_suite(path: Path) -> dict:
