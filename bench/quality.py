@@ -321,6 +321,8 @@ def read_suite(path: Path) -> dict:
     unknown = [m for m in suite["methods"] if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: {path}: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+    if (suite["lr_grid"] or suite["curve"]) and not suite["eval_every"]:
+        raise SystemExit(f"error: {path}: lr_grid and curve select or record on dev: set eval_every > 0")
     return suite
 
 

@@ -181,7 +181,8 @@ def train_source(
                                                        "recipe's name): teachers to their dev plateau, then "
                                                        "distillation; rerun the same command to resume.")] = None,
     work: Annotated[Optional[Path], typer.Option(help="--recipe: folder of the stage checkpoints "
-                                                      "(default runs/sources/NAME-work).")] = None, tasks: Annotated[str, typer.Option(help="Source tasks (default: the teachers).")] = "",
+                                                      "(default runs/sources/NAME-work).")] = None,
+    tasks: Annotated[str, typer.Option(help="Source tasks (default: the teachers).")] = "",
     backbone: Backbone = "smollm2-135m", data: DataDir = None, steps: Steps = 300, batch_size: BatchSize = 8,
     max_length: MaxLength = 128, rank: Rank = 1, lr_prompt: LrPrompt = 0.03, lr_factors: LrFactors = 0.4,  # SOURCE_LR_FACTORS
     lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,

@@ -73,9 +73,12 @@ class SourceStageRecipe(StageRecipe):
     def __post_init__(self):
         super().__post_init__()
         DistillConfig(self.distill_weight, self.temperature)
-        TrainConfig(max_tasks=self.max_tasks, mixing_cap=self.mixing_cap)
         if not 0 <= self.gap < 1:
             raise RecipeError(f"source gap must be an accuracy difference in [0, 1), got {self.gap!r} (0.02 = 2 points)")
+
+    def train_options(self, *, seed: int, max_length: int, **extra) -> dict:
+        return super().train_options(seed=seed, max_length=max_length, max_tasks=self.max_tasks,
+                                     mixing_cap=self.mixing_cap, **extra)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import mpt_edge
 from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.batching import encode_tasks, eos_id
-from mpt_edge.checkpoint import load_checkpoint
 from mpt_edge.datasets import load_split, task_folder
 from mpt_edge.evaluate import dev_scorer
 from mpt_edge.losses import DistillConfig
@@ -44,10 +43,10 @@ def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool =
     train = load_split(recipe.sources, data_dir, "train", k_per_class=recipe.k_per_class, seed=recipe.seed)
     dev = load_split(recipe.sources, data_dir, "dev", limit=recipe.dev_limit, seed=0)
     eos = eos_id(backbone.model)
-    teacher_runs = []
+    config = TrainConfig(**recipe.teachers.train_options(seed=recipe.seed, max_length=recipe.max_length))
+    teacher_runs, teacher_indexes = [], {}
     for task, dev_task in zip(train, dev):
         folder = work / "teachers" / task.spec.name
-        config = TrainConfig(**recipe.teachers.train_options(seed=recipe.seed, max_length=recipe.max_length))
         encoded = encode_tasks([task], backbone.tokenizer, config.max_length, eos)
         plan = stages.prompt_tuning("teachers", backbone, encoded, config, recipe.prompt, pooling=recipe.pooling)
         log(f"teacher {task.spec.name}: up to {config.steps} steps, dev every {config.eval_every}, patience {config.patience}")
@@ -57,12 +56,12 @@ def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool =
         log(f"teacher {task.spec.name}: dev {100 * index['best']['score']:.1f} at step {index['best']['step']} "
             f"({_ended(index)})")
         teacher_runs.append(load_trained(folder))
+        teacher_indexes[task.spec.name] = index
     teachers = combine_teachers(teacher_runs)
-    teacher_dev = {t.spec.name: _best(work / "teachers" / t.spec.name)["score"] for t in train}
+    teacher_dev = {name: index["best"]["score"] for name, index in teacher_indexes.items()}
 
     stage = recipe.source
-    config = TrainConfig(**stage.train_options(seed=recipe.seed, max_length=recipe.max_length,
-                                               max_tasks=stage.max_tasks, mixing_cap=stage.mixing_cap))
+    config = TrainConfig(**stage.train_options(seed=recipe.seed, max_length=recipe.max_length))
     encoded = encode_tasks(train, backbone.tokenizer, config.max_length, eos)
     plan = stages.source(backbone, encoded, teachers, config, recipe.rank,
                          DistillConfig(stage.distill_weight, stage.temperature), pooling=recipe.pooling)
@@ -78,19 +77,16 @@ def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool =
         index = fit(plan, encoded, config, work / "source", resume=True, progress=progress, validate=worst_gap,
                     goal=-stage.gap)
     log(f"source: worst gap {100 * index['best']['score']:+.1f} points at step {index['best']['step']} ({_ended(index)})")
-    return provenance(recipe, work, data_dir, teacher_dev)
+    return provenance(recipe, work, data_dir, teacher_indexes, index)
 
 
-def provenance(recipe: Recipe, work: Path, data_dir: Path, teacher_dev: dict[str, float]) -> dict:
-    """What produced the source: recipe, data manifests (archive hashes), per-stage steps, dev scores, time, machine."""
-    source = load_checkpoint(work / "source")[0]
+def provenance(recipe: Recipe, work: Path, data_dir: Path, teacher_indexes: dict[str, dict], source: dict) -> dict:
+    """What produced the source, from the teachers' and the source's checkpoint indexes: recipe, data manifests
+    (archive hashes), per-stage steps, dev scores, wall time (from `work`), machine."""
     best = source["best"]
     details = next(e["details"] for e in best["evals"] if e["step"] == best["step"])
-    teachers = {}
-    for name in recipe.sources:
-        index = load_checkpoint(work / "teachers" / name)[0]
-        teachers[name] = {"steps": index["step"], "best_step": index["best"]["step"], "ended": _ended(index),
-                          "dev_accuracy": round(index["best"]["score"], 4)}
+    teachers = {name: {"steps": index["step"], "best_step": index["best"]["step"], "ended": _ended(index),
+                       "dev_accuracy": round(index["best"]["score"], 4)} for name, index in teacher_indexes.items()}
     return {
         "recipe": recipe.to_json(),
         "split": {"sources": list(recipe.sources), "held_out_targets": list(recipe.held_out),
@@ -100,7 +96,7 @@ def provenance(recipe: Recipe, work: Path, data_dir: Path, teacher_dev: dict[str
         "source": {"steps": source["step"], "best_step": best["step"], "ended": _ended(source),
                    "gap_goal": recipe.source.gap, "goal_met": best["score"] >= -recipe.source.gap,
                    "dev_accuracy": {k: round(v, 4) for k, v in details["accuracy"].items()},
-                   "teacher_dev_accuracy": {k: round(v, 4) for k, v in teacher_dev.items()},
+                   "teacher_dev_accuracy": {k: t["dev_accuracy"] for k, t in teachers.items()},
                    "gap": {k: round(v, 4) for k, v in details["gap"].items()}},
         "wall_seconds": _wall(work),
         "machine": machine(),
@@ -127,10 +123,6 @@ def machine() -> dict:
         pass
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-
-
-def _best(folder: Path) -> dict:
-    return load_checkpoint(folder)[0]["best"]
 
 
 def _ended(index: dict) -> str:
