@@ -46,6 +46,7 @@ from mpt_edge_export.bundle import ExportOptions, write_bundle, write_task_file
 from mpt_edge_export.graph import PromptedFeatures
 from mpt_edge_export.transform import INT8_RECIPES
 from mpt_edge_runtime import format as fmt
+from mpt_edge_runtime.bundle import task_tensors
 from mpt_edge_runtime.text import encode_example, special_tokens
 
 HERE = Path(__file__).parent
@@ -284,15 +285,16 @@ def installed_size(build_venv: bool) -> dict:
 
 
 def bytes_per_task(bundle: Path) -> dict:
-    """floats per task in `factors` mode (u, v, head: l·r + r·d + C·d + C) and `full` (+ l·d), from the tensors."""
+    """Bytes the bundle stores per task in `factors` mode (u, v and a learned head (C·d + C) or the verbalizer ids
+    of a causal task, whose rows the bundle's verbalizer table holds once) and `full` (+ the task's own P*: l·d)."""
     tensors = load_file(str(bundle / fmt.PROMPTS))
     out = {}
     for name in json.loads((bundle / fmt.TASKS).read_text())["tasks"]:
-        parts = [tensors[fmt.task_key(name["name"], p)] for p in ("u", "v", "head.weight", "head.bias")]
-        factors = sum(p.size for p in parts)
-        shared = tensors[fmt.shared_key(name["group"])].size
-        out[name["name"]] = {"factors_bytes": 4 * factors, "full_bytes": 4 * (factors + shared),
-                             "shapes": {p: list(t.shape) for p, t in zip(("u", "v", "head.weight", "head.bias"), parts)}}
+        parts = task_tensors(tensors, name["name"])
+        factors = sum(p.nbytes for p in parts.values())
+        shared = tensors[fmt.shared_key(name["group"])].nbytes
+        out[name["name"]] = {"factors_bytes": factors, "full_bytes": factors + shared,
+                             "shapes": {p: list(t.shape) for p, t in parts.items()}}
     return out
 
 

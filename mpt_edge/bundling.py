@@ -38,12 +38,13 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
     max_length = trained.meta["train"]["max_length"]
     tasks = []
     for k, spec in enumerate(trained.specs):
-        weight, bias = _head(trained, backbone, k)
+        weight, bias, ids = _head(trained, backbone, k)
         tasks.append(ExportTask(
             spec={"name": spec.name, "kind": spec.kind, "labels": list(spec.labels), "template": spec.template,
                   "verbalizers": list(spec.label_words), "group": int(tensors["prompt.task_groups"][k]),
                   "max_length": max_length, **_sequences(spec, backbone)},
-            u=tensors["prompt.u"][k].numpy(), v=tensors["prompt.v"][k].numpy(), head_weight=weight, head_bias=bias))
+            u=tensors["prompt.u"][k].numpy(), v=tensors["prompt.v"][k].numpy(), head_weight=weight, head_bias=bias,
+            head_ids=ids))
     pooling = trained.meta.get("pooling") or "mean"
     adapter = adapter_for(backbone.family, **({"pooling": pooling} if backbone.family == "encoder" else {}))
     return BundleSource(
@@ -60,13 +61,16 @@ def _sequences(spec, backbone) -> dict:
     return {"verbalizer_tokens": "all", "verbalizer_ids": verbalizer_sequences(spec, backbone.tokenizer)}
 
 
-def _head(trained: Trained, backbone, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _head(trained: Trained, backbone, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Task k's head → weight (C, d), bias (C,) and, for verbalizer heads (rows of the output embedding), the
+    token ids (C,) the bundle stores instead of the rows."""
     if trained.heads is not None:
-        return trained.heads.weight[k].detach().numpy(), trained.heads.bias[k].detach().numpy()
+        return trained.heads.weight[k].detach().numpy(), trained.heads.bias[k].detach().numpy(), None
     if trained.specs[k].verbalizer_tokens == "all":  # scored by sequences, not by a head: a placeholder
         dim = backbone.model.get_input_embeddings().embedding_dim
-        return np.zeros((len(trained.specs[k].labels), dim), np.float32), np.zeros(len(trained.specs[k].labels), np.float32)
+        labels = len(trained.specs[k].labels)
+        return np.zeros((labels, dim), np.float32), np.zeros(labels, np.float32), None
     ids = torch.tensor(verbalizer_ids(trained.specs[k], backbone.tokenizer), dtype=torch.long)
     head = backbone.model.get_output_embeddings()
     bias = head.bias[ids] if getattr(head, "bias", None) is not None else torch.zeros(len(ids))
-    return head.weight[ids].detach().numpy().copy(), bias.detach().numpy().copy()
+    return head.weight[ids].detach().numpy().copy(), bias.detach().numpy().copy(), ids.numpy().copy()

@@ -180,14 +180,15 @@ def inspect_command(
     """
     from safetensors.numpy import load as load_tensors
 
-    from mpt_edge_runtime.bundle import read_manifest
+    from mpt_edge_runtime import format as fmt
+    from mpt_edge_runtime.bundle import read_manifest, task_tensors
 
     manifest = read_manifest(bundle)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
-    tensors = load_tensors((bundle / "prompts.safetensors").read_bytes())
-    tasks = json.loads((bundle / "tasks.json").read_text())["tasks"]
+    tensors = load_tensors((bundle / fmt.PROMPTS).read_bytes())
+    tasks = json.loads((bundle / fmt.TASKS).read_text())["tasks"]
     b, g, p = manifest["backbone"], manifest["graph"], manifest["prompt"]
     typer.echo(f"bundle {bundle} (format {manifest['format_version']}), family {manifest['family']}, backbone "
                f"{b['name']} ({b['model_type']}, d={b['hidden_size']}, {b['num_layers']} layers)")
@@ -201,9 +202,12 @@ def inspect_command(
                    f"{g['decoder_file']} (one decoder step with KV cache), eos ids {g['eos_token_ids']}")
     typer.echo(f"{'task':<22} {'kind':>8} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
     for spec in tasks:
-        parts = [tensors[f"tasks.{spec['name']}.{k}"] for k in ("u", "v", "head.weight", "head.bias")]
-        typer.echo(f"{spec['name']:<22} {spec.get('kind', 'classify'):>8} {len(spec['labels']):>6} {parts[0].shape[1]:>4} {spec['group']:>5} "
-                   f"{sum(x.nbytes for x in parts):>19}")
+        parts = task_tensors(tensors, spec["name"])
+        typer.echo(f"{spec['name']:<22} {spec.get('kind', 'classify'):>8} {len(spec['labels']):>6} {parts['u'].shape[1]:>4} {spec['group']:>5} "
+                   f"{sum(x.nbytes for x in parts.values()):>19}")
+    if fmt.VERBALIZER_IDS in tensors:
+        typer.echo(f"verbalizer table: {len(tensors[fmt.VERBALIZER_IDS])} token rows shared by the tasks, "
+                   f"{sum(tensors[k].nbytes for k in (fmt.VERBALIZER_IDS, fmt.VERBALIZER_WEIGHT, fmt.VERBALIZER_BIAS))} bytes")
     for name, report in manifest["parity"].items():
         cosine = f", min cosine {report['min_cosine']:.5f}" if "min_cosine" in report else ""
         typer.echo(f"parity {name}: max abs diff {report['max_abs_diff']:.2e}{cosine} over {len(report['cases'])} shapes")

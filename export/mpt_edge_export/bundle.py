@@ -1,4 +1,4 @@
-"""Write bundle format v1 (see `mpt_edge_runtime.format`): graph, tokenizer, factors, tasks, manifest.
+"""Write bundle format v2 (see `mpt_edge_runtime.format`): graph, tokenizer, factors, tasks, manifest.
 
 Everything is written into a temporary sibling folder and renamed into place at the end, so a failed export
 leaves no half bundle, and an existing bundle is replaced only with `overwrite=True`.
@@ -31,13 +31,15 @@ class ExportError(ValueError):
 @dataclass(frozen=True)
 class ExportTask:
     """One task for the bundle: spec (name, kind, labels, template, verbalizers, group, max_length), factors
-    u (l, r), v (r, d) and head weight (C, d), bias (C,)."""
+    u (l, r), v (r, d) and head weight (C, d), bias (C,). head_ids (C,): set when the head is the backbone's
+    output-embedding rows of these verbalizer tokens (causal), which the bundle then stores once for all tasks."""
 
     spec: dict
     u: np.ndarray
     v: np.ndarray
     head_weight: np.ndarray
     head_bias: np.ndarray
+    head_ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -122,13 +124,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
 
     graph, parity = _build_graph(source, folder, options, length, dim, log)
     source.tokenizer.save(str(folder / fmt.TOKENIZER))
-    tensors = {fmt.shared_key(g): np.ascontiguousarray(p, dtype=np.float32) for g, p in enumerate(source.groups)}
-    for task in source.tasks:
-        name = task.spec["name"]
-        for part, value in (("u", task.u), ("v", task.v), ("head.weight", task.head_weight),
-                            ("head.bias", task.head_bias)):
-            tensors[fmt.task_key(name, part)] = np.ascontiguousarray(value, dtype=np.float32)
-    (folder / fmt.PROMPTS).write_bytes(save_tensors(tensors))
+    (folder / fmt.PROMPTS).write_bytes(save_tensors(prompt_tensors(source)))
     (folder / fmt.TASKS).write_text(json.dumps({"tasks": [t.spec for t in source.tasks]}, indent=2) + "\n")
     files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     manifest = {
@@ -147,6 +143,30 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
     }
     (folder / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def prompt_tensors(source: BundleSource) -> dict[str, np.ndarray]:
+    """prompts.safetensors: shared prompts, each task's u, v and its learned head or its verbalizer token ids, and
+    the verbalizer table (each token's row once)."""
+    tensors = {fmt.shared_key(g): np.ascontiguousarray(p, dtype=np.float32) for g, p in enumerate(source.groups)}
+    table: dict[int, tuple[np.ndarray, float]] = {}
+    for task in source.tasks:
+        name = task.spec["name"]
+        tensors[fmt.task_key(name, "u")] = np.ascontiguousarray(task.u, dtype=np.float32)
+        tensors[fmt.task_key(name, "v")] = np.ascontiguousarray(task.v, dtype=np.float32)
+        if task.head_ids is None:
+            tensors[fmt.task_key(name, "head.weight")] = np.ascontiguousarray(task.head_weight, dtype=np.float32)
+            tensors[fmt.task_key(name, "head.bias")] = np.ascontiguousarray(task.head_bias, dtype=np.float32)
+            continue
+        tensors[fmt.task_key(name, "head.ids")] = np.asarray(task.head_ids, dtype=np.int64)
+        for token, row, bias in zip(task.head_ids, task.head_weight, task.head_bias):
+            table.setdefault(int(token), (row, float(bias)))
+    if table:
+        ids = sorted(table)
+        tensors[fmt.VERBALIZER_IDS] = np.asarray(ids, dtype=np.int64)
+        tensors[fmt.VERBALIZER_WEIGHT] = np.stack([table[i][0] for i in ids]).astype(np.float32)
+        tensors[fmt.VERBALIZER_BIAS] = np.asarray([table[i][1] for i in ids], dtype=np.float32)
+    return tensors
 
 
 def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, length: int, dim: int,

@@ -56,9 +56,10 @@ def read_manifest(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path} is not valid JSON ({err}); re-export the bundle") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != fmt.FORMAT_VERSION:
+    if version not in fmt.READABLE_VERSIONS:
         raise BundleError(
-            f"{path}: format_version {version!r} is not supported (this runtime reads {fmt.FORMAT_VERSION}); "
+            f"{path}: format_version {version!r} is not supported (this runtime reads "
+            f"{', '.join(map(str, fmt.READABLE_VERSIONS))}); "
             "upgrade mpt-edge or re-export the bundle with this version"
         )
     files = manifest.get("files", {})
@@ -118,6 +119,25 @@ def read_tasks(folder: Path, manifest: dict) -> tuple[list[TaskEntry], dict[str,
     return [task_entry(spec, tensors, manifest, str(folder / fmt.PROMPTS)) for spec in specs], groups
 
 
+TASK_PARTS = ("u", "v", "head.weight", "head.bias", "head.ids")
+
+
+def task_tensors(tensors: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """What a bundle stores for task `name` alone: part → array (u, v, and a head or its verbalizer ids)."""
+    return {part: tensors[fmt.task_key(name, part)] for part in TASK_PARTS if fmt.task_key(name, part) in tensors}
+
+
+def verbalizer_rows(tensors: dict[str, np.ndarray], ids: np.ndarray, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A causal task's head from the bundle's verbalizer table: token ids (C,) → weight (C, d), bias (C,)."""
+    table = tensors[fmt.VERBALIZER_IDS]
+    row_of = {int(token): row for row, token in enumerate(table)}
+    if ids.ndim != 1 or any(int(token) not in row_of for token in ids):
+        raise BundleError(f"{where}: task {name!r} names verbalizer token ids {ids.tolist()} that the bundle's "
+                          "verbalizer table lacks; re-export the bundle")
+    rows = [row_of[int(token)] for token in ids]
+    return tensors[fmt.VERBALIZER_WEIGHT][rows], tensors[fmt.VERBALIZER_BIAS][rows]
+
+
 def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where: str) -> TaskEntry:
     """Build one TaskEntry from its spec and tensors; shapes must fit the graph (length l, hidden size d)."""
     name = spec.get("name")
@@ -134,6 +154,8 @@ def task_entry(spec: dict, tensors: dict[str, np.ndarray], manifest: dict, where
         if kind == "generate":
             dim = manifest["prompt"]["hidden_size"]
             weight, bias = np.zeros((0, dim), np.float32), np.zeros((0,), np.float32)
+        elif fmt.task_key(name, "head.ids") in tensors:
+            weight, bias = verbalizer_rows(tensors, tensors[fmt.task_key(name, "head.ids")], name, where)
         else:
             weight, bias = tensors[fmt.task_key(name, "head.weight")], tensors[fmt.task_key(name, "head.bias")]
     except KeyError as err:

@@ -1,4 +1,4 @@
-"""Bundle format version 1: file names, graph input/output names, tensor keys. Writer and reader share these.
+"""Bundle format version 2: file names, graph input/output names, tensor keys. Writer and reader share these.
 
     manifest.json        format_version, family, backbone facts, graph (file, inputs, outputs, opset, dtype),
                          prompt (length, hidden_size), sha256 of every file, tool versions, parity report
@@ -6,11 +6,16 @@
     decoder.onnx         instead of model.onnx for causal bundles with generation: one step with a KV cache
     encoder.onnx         seq2seq bundles with generation: encoder + decoder step 0 (with decoder.onnx: one step)
     tokenizer.json       a `tokenizers` file
-    prompts.safetensors  groups.<g>.shared (l, d); tasks.<name>.u (l, r), .v (r, d), .head.weight (C, d), .head.bias (C,)
+    prompts.safetensors  groups.<g>.shared (l, d); tasks.<name>.u (l, r), .v (r, d), and either a learned head
+                         .head.weight (C, d), .head.bias (C,) (encoders) or .head.ids (C,) int64 verbalizer token ids
+                         whose rows live once per bundle in verbalizer.ids (R,), .weight (R, d), .bias (R,) (causal)
     tasks.json           {"tasks": [{name, kind, labels, template, verbalizers, group, max_length}, ...]}
+
+Version 1 stored every task's head rows (C, d) in full; the runtime still reads it.
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 TOKENIZER = "tokenizer.json"
@@ -34,8 +39,12 @@ def shared_key(group: int) -> str:
 
 
 def task_key(task: str, part: str) -> str:
-    """part: "u", "v", "head.weight" or "head.bias"."""
+    """part: "u", "v", "head.weight", "head.bias" or "head.ids"."""
     return f"tasks.{task}.{part}"
+
+
+# the output-embedding rows (and LM-head bias) of every verbalizer token of a causal bundle's tasks, stored once
+VERBALIZER_IDS, VERBALIZER_WEIGHT, VERBALIZER_BIAS = "verbalizer.ids", "verbalizer.weight", "verbalizer.bias"
 
 # A bundle holds one graph; manifest["graph"]["kind"] says which (bundles without "kind" hold the features graph).
 FEATURES_KIND, DECODER_KIND = "features", "decoder"
