@@ -5,7 +5,9 @@
                                    work/wall.json          wall seconds per stage, summed over calls
 
 Every stage resumes from its checkpoint, so rerunning the same command after an interruption continues where
-it stopped; a finished stage is read back, not retrained. `write_shipped` then writes the result in the shipped
+it stopped; a finished stage is read back, not retrained. Several processes may run the same build at once
+(e.g. one per core): each trains the next teacher no other process has claimed (`mpt_edge.claim`), then all
+wait for the rest; one trains the source while the others wait for it. `write_shipped` then writes the result in the shipped
 format with its provenance record.
 """
 
@@ -22,6 +24,7 @@ import mpt_edge
 from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.batching import encode_tasks, eos_id
+from mpt_edge.claim import claimed
 from mpt_edge.datasets import load_split, task_folder
 from mpt_edge.evaluate import dev_scorer
 from mpt_edge.losses import DistillConfig
@@ -44,8 +47,9 @@ def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool =
     dev = load_split(recipe.sources, data_dir, "dev", limit=recipe.dev_limit, seed=0)
     eos = eos_id(backbone.model)
     config = TrainConfig(**recipe.teachers.train_options(seed=recipe.seed, max_length=recipe.max_length))
-    teacher_runs, teacher_indexes = [], {}
-    for task, dev_task in zip(train, dev):
+
+    def teacher(pair) -> dict:
+        task, dev_task = pair
         folder = work / "teachers" / task.spec.name
         encoded = encode_tasks([task], backbone.tokenizer, config.max_length, eos)
         plan = stages.prompt_tuning("teachers", backbone, encoded, config, recipe.prompt, pooling=recipe.pooling)
@@ -55,8 +59,11 @@ def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool =
                         validate=dev_scorer(backbone, plan, [dev_task], max_length=config.max_length))
         log(f"teacher {task.spec.name}: dev {100 * index['best']['score']:.1f} at step {index['best']['step']} "
             f"({_ended(index)})")
-        teacher_runs.append(load_trained(folder))
-        teacher_indexes[task.spec.name] = index
+        return index
+
+    teacher_indexes = _shared_pass(work / "teachers", list(zip(train, dev)), lambda pair: pair[0].spec.name,
+                                   teacher, log)
+    teacher_runs = [load_trained(work / "teachers" / name) for name in recipe.sources]
     teachers = combine_teachers(teacher_runs)
     teacher_dev = {name: index["best"]["score"] for name, index in teacher_indexes.items()}
 
@@ -73,11 +80,30 @@ def build_source(recipe: Recipe, work: Path, data_dir: Path, *, progress: bool =
         return min(gaps.values()), {"accuracy": accuracy, "gap": gaps}
 
     log(f"source: up to {config.steps} steps until every task is within {100 * stage.gap:.1f} points of its teacher")
-    with _timed(work, "source"):
+    with claimed(work / "source.lock", wait=True), _timed(work, "source"):
         index = fit(plan, encoded, config, work / "source", resume=True, progress=progress, validate=worst_gap,
                     goal=-stage.gap)
     log(f"source: worst gap {100 * index['best']['score']:+.1f} points at step {index['best']['step']} ({_ended(index)})")
     return provenance(recipe, work, data_dir, teacher_indexes, index)
+
+
+def _shared_pass(folder: Path, items: list, name_of: Callable, run: Callable, log: Log) -> dict[str, dict]:
+    """run(item) for every item, several processes sharing the work: each claims the next unclaimed item; items
+    claimed elsewhere are waited for at the end and then read back (a resumed run that is finished returns at
+    once; one whose process died continues here). → {name: run's result} in `items` order."""
+    results, elsewhere = {}, []
+    for item in items:
+        with claimed(folder / f"{name_of(item)}.lock") as mine:
+            if mine:
+                results[name_of(item)] = run(item)
+            else:
+                log(f"{name_of(item)} is being trained by another process; moving on")
+                elsewhere.append(item)
+    for item in elsewhere:
+        log(f"waiting for {name_of(item)} (another process)")
+        with claimed(folder / f"{name_of(item)}.lock", wait=True):
+            results[name_of(item)] = run(item)
+    return {name_of(item): results[name_of(item)] for item in items}
 
 
 def provenance(recipe: Recipe, work: Path, data_dir: Path, teacher_indexes: dict[str, dict], source: dict) -> dict:
@@ -146,7 +172,8 @@ def _wall(work: Path) -> dict[str, float]:
 
 class _timed:
     """Adds the wall seconds of a stage call to work/wall.json when the call returns (an interrupted call's time
-    is lost, so the record is a lower bound after interruptions)."""
+    is lost, so the record is a lower bound after interruptions; processes sharing a build each add theirs, so
+    "total" is compute time, not elapsed time)."""
 
     def __init__(self, work: Path, key: str):
         self.work, self.key = work, key
@@ -156,8 +183,9 @@ class _timed:
 
     def __exit__(self, kind, value, traceback):
         if kind is None:
-            wall = _wall(self.work)
-            wall[self.key] = round(wall.get(self.key, 0.0) + time.perf_counter() - self.start, 1)
-            wall["total"] = round(sum(v for k, v in wall.items() if k != "total"), 1)
-            write_text_atomic(self.work / "wall.json", json.dumps(wall, indent=2) + "\n")
+            with claimed(self.work / "wall.lock", wait=True):  # processes sharing the build add their own times
+                wall = _wall(self.work)
+                wall[self.key] = round(wall.get(self.key, 0.0) + time.perf_counter() - self.start, 1)
+                wall["total"] = round(sum(v for k, v in wall.items() if k != "total"), 1)
+                write_text_atomic(self.work / "wall.json", json.dumps(wall, indent=2) + "\n")
         return False

@@ -129,3 +129,37 @@ def test_unknown_or_damaged_sources_are_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "empty" / "source.json").write_text(json.dumps({"format": shipped.FORMAT, "version": 99}))
     with pytest.raises(CheckpointError, match="version 99 is not supported"):
         shipped.resolve_source(tmp_path / "empty")
+
+
+def test_processes_share_a_build_by_claiming_teachers(workspace, tmp_path):
+    """A teacher another process holds is skipped, then waited for; the result equals a one-process build."""
+    import threading
+    import time
+
+    from mpt_edge import source_build
+    from mpt_edge.claim import claimed
+    from mpt_edge.recipe import read_recipe as read
+    from mpt_edge.trained import load_trained
+
+    (tmp_path / "tiny.toml").write_text(tiny_recipe(workspace))
+    recipe = read(tmp_path / "tiny.toml")
+    source_build.build_source(recipe, tmp_path / "alone", workspace / "data", progress=False)
+
+    shared, messages = tmp_path / "shared", []
+    build = threading.Thread(target=source_build.build_source, args=(recipe, shared, workspace / "data"),
+                             kwargs={"progress": False, "log": messages.append})
+    with claimed(shared / "teachers" / "polarity.lock") as held:        # "another process" holds polarity
+        assert held
+        build.start()
+        deadline = time.monotonic() + 120
+        while "waiting for polarity (another process)" not in messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "polarity is being trained by another process; moving on" in messages
+        assert "waiting for polarity (another process)" in messages
+        assert (shared / "teachers" / "topic" / "checkpoint.json").is_file()
+        assert not (shared / "teachers" / "polarity").exists() and build.is_alive()
+    build.join(timeout=120)                                             # released: the build trains it and goes on
+    assert not build.is_alive()
+    for stage in ("teachers/polarity", "teachers/topic", "source"):
+        torch.testing.assert_close(load_trained(shared / stage).prompt.fold(),
+                                   load_trained(tmp_path / "alone" / stage).prompt.fold(), rtol=0, atol=0)
