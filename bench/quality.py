@@ -6,7 +6,8 @@
 Stages 1-2 (teachers, distilled source) run once per suite and are cached. Then every (target, k, seed,
 method) run trains with the same step budget, keeps the tensors that score best on a fixed dev subset
 (evaluated before training and every `eval_every` steps), and is scored on a fixed test subset. Each
-finished run is a line in `<work>/<suite>/runs.jsonl` and is never recomputed. Writes
+finished run is a line in `<work>/<suite>/runs.jsonl` and is never recomputed. Several processes may run
+the same suite at once (one per core, OMP_NUM_THREADS=1 each): each claims the next run no other holds. Writes
 `bench/results/quality-<suite>.json`, a markdown table (mean ± std over seeds, and paired differences against
 vanilla PT) and `bench/results/quality-<suite>.png` (accuracy vs k per method).
 
@@ -30,6 +31,7 @@ from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.backbones import load_backbone
 from mpt_edge.batching import encode_tasks
+from mpt_edge.claim import claimed
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.evaluate import dev_scorer, evaluate, evaluate_trained, evaluate_zero_shot
@@ -326,32 +328,46 @@ def read_suite(path: Path) -> dict:
     return suite
 
 
+def read_runs(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def _key(run: dict) -> tuple:
+    return run["target"], str(run["k"]), run["seed"], run["method"]
+
+
 def run_suite(suite: dict, work_root: Path) -> None:
     work = work_root / suite["name"]
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     backbone = load_backbone(suite["backbone"])
     started = time.perf_counter()
-    teachers, source = source_stage(suite, backbone, work)
+    with claimed(work / "stages.lock", wait=True):  # processes sharing the suite train its stages once
+        teachers, source = source_stage(suite, backbone, work)
     print(f"[{suite['name']}] source stage ready after {time.perf_counter() - started:.0f} s", flush=True)
     log = work / "runs.jsonl"
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    done = {(r["target"], str(r["k"]), r["seed"], r["method"]) for r in runs}
-    for target in suite["targets"]:
-        for k in suite["k"]:
-            for seed in suite["seeds"]:
-                for method in suite["methods"]:
-                    if (target, str(k), seed, method) in done:
-                        continue
-                    tick = time.perf_counter()
-                    result = one_run(suite, backbone, teachers, source, target, k, seed, method, work)
-                    row = {"target": target, "k": k, "seed": seed, "method": method, **result,
-                           "seconds": round(time.perf_counter() - tick, 1)}
-                    with log.open("a") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                    runs.append(row)
-                    print(f"[{suite['name']}] {target} k={k} seed={seed} {method}: "
-                          f"{100 * result['scores']['accuracy']:.1f} ({row['seconds']:.0f} s)", flush=True)
+    keys = [(target, k, seed, method) for target in suite["targets"] for k in suite["k"]
+            for seed in suite["seeds"] for method in suite["methods"]]
+    elsewhere = []
+    for target, k, seed, method in keys:
+        with claimed(work / "locks" / f"{target}-k{k}-s{seed}-{method}.lock") as mine:
+            if not mine:
+                elsewhere.append((target, k, seed, method))
+                continue
+            if (target, str(k), seed, method) in {_key(r) for r in read_runs(log)}:
+                continue
+            tick = time.perf_counter()
+            result = one_run(suite, backbone, teachers, source, target, k, seed, method, work)
+            row = {"target": target, "k": k, "seed": seed, "method": method, **result,
+                   "seconds": round(time.perf_counter() - tick, 1)}
+            with claimed(work / "runs.lock", wait=True), log.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(f"[{suite['name']}] {target} k={k} seed={seed} {method}: "
+                  f"{100 * result['scores']['accuracy']:.1f} ({row['seconds']:.0f} s)", flush=True)
+    for target, k, seed, method in elsewhere:  # another process runs these: wait for it, then report them all
+        with claimed(work / "locks" / f"{target}-k{k}-s{seed}-{method}.lock", wait=True):
+            pass
+    runs = read_runs(log)
     markdown = table(suite, runs)
     if suite["curve"]:
         markdown += "\n" + curve_table(suite, runs)
