@@ -3,7 +3,7 @@
 With a shipped source prompt for the backbone (`mpt_edge/sources/<name>`), the target tweet_sentiment (held out
 from that source) adapts from it directly: no teacher or source stage. Without one, sources rotten_tomatoes and
 newsgroups20 → teachers (vanilla PT) → distilled shared prompt first (~10 minutes). The target trains on k
-examples per class and is compared with zero-shot and vanilla PT (same prompt length) on the test split; then
+examples per class and is compared with zero-shot (encoders: a trained head alone) and vanilla PT (same prompt length) on the test split; then
 the MPT checkpoint is exported to a bundle and the torch-free runtime classifies the same test texts.
 Every stage resumes from its checkpoint, so running it again only redoes what is missing.
 """
@@ -102,8 +102,13 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     pt = run("pt", stages.prompt_tuning("pt", backbone, tgt_encoded, train_cfg, prompt_cfg), tgt_encoded)
 
     log(f"[eval] {config.target} test, {config.test_limit} examples per method")
+    if backbone.family == "encoder":  # no zero-shot without a trained head: the floor is the head alone
+        head = run("head", stages.head_only(backbone, tgt_encoded, train_cfg), tgt_encoded)
+        floor = {"head only": evaluate_trained(backbone, head, target_test, max_length=config.max_length)[config.target]}
+    else:
+        floor = {"zero-shot": evaluate_zero_shot(backbone, target_test, max_length=config.max_length)[config.target]}
     scores = {
-        "zero-shot": evaluate_zero_shot(backbone, target_test, max_length=config.max_length)[config.target],
+        **floor,
         "pt": evaluate_trained(backbone, pt, target_test, max_length=config.max_length)[config.target],
         "mpt (full)": evaluate_trained(backbone, mpt, target_test, max_length=config.max_length)[config.target],
     }
