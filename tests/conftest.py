@@ -125,3 +125,49 @@ def synthetic_task(name: str, count: int = 48, seed: int = 0) -> TaskData:
     spec = SPECS[name]
     return TaskData(spec, [Example({"text": r["text"]}, spec.labels.index(r["label"]))
                            for r in synthetic_rows(name, count, seed)])
+
+
+# -- tiny subword tokenizers, trained in-process (no network) --------------------------------------
+
+SUBWORD_CORPUS = [
+    "Review: the film was really good Sentiment: good",
+    "Review: a dull plot and awful acting Sentiment: bad",
+    "Review: great story, quite fine Sentiment: good",
+    "Review: the plot is bad and sad Sentiment: bad",
+    "Premise: the team won the game Hypothesis: they lost Answer: no",
+    "Premise: a star is bright tonight Hypothesis: it shines Answer: yes",
+    "Question: is the café open?\n\nAnswer: yes, the naïve barista says so",
+    "the quick brown fox jumps over the lazy dog",
+] * 4  # no digits, CJK or emoji: those stay split into byte tokens
+SUBWORD_SPECIALS = ["<pad>", "</s>", "<unk>", "<cls>"]  # ids 0..3 in both tokenizers
+
+
+def subword_tokenizer(kind: str) -> tokenizers.Tokenizer:
+    """A tiny trained subword tokenizer: "bpe" (byte-level BPE, GPT-2 style) or "unigram" (SentencePiece
+    style: Metaspace, byte fallback for characters it never saw). `get_vocab_size()` sizes the backbone."""
+    import json
+
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    if kind == "bpe":
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # as GPT-2's tokenizer.json
+        tok.train_from_iterator(SUBWORD_CORPUS, trainers.BpeTrainer(
+            vocab_size=360, special_tokens=SUBWORD_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+        return tok
+    if kind != "unigram":
+        raise ValueError(kind)
+    trained = tokenizers.Tokenizer(models.Unigram())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(SUBWORD_CORPUS, trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=SUBWORD_SPECIALS, unk_token="<unk>", show_progress=False))
+    model = json.loads(trained.to_str())["model"]  # the trainer has no byte fallback: add the 256 byte pieces
+    pieces = [tuple(p) for p in model["vocab"]] + [(f"<0x{b:02X}>", -20.0) for b in range(256)]
+    tok = tokenizers.Tokenizer(models.Unigram(pieces, unk_id=model["unk_id"], byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    tok.add_special_tokens(SUBWORD_SPECIALS)
+    return tok

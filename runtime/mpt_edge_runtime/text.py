@@ -61,11 +61,11 @@ def encode_example(
     budget = max_length - len(specials.prefix) - len(specials.suffix)
     excess = len(ids) - budget
     if excess > 0:
-        drop = _tokens_to_drop(offsets, spans, excess)
+        drop = _tokens_to_drop(text, offsets, spans, excess)
         if drop is None:
             raise TextError(
                 f"max_length={max_length} leaves no room for the text: the template {template!r} alone "
-                f"takes {len(ids) - sum(len(_in_span(offsets, s)) for s in spans)} tokens; raise max_length"
+                f"takes {len(ids) - sum(len(_in_span(text, offsets, s)) for s in spans)} tokens; raise max_length"
             )
         ids = [t for i, t in enumerate(ids) if i not in drop]
     return [*specials.prefix, *ids, *specials.suffix]
@@ -88,14 +88,23 @@ def _fill(template: str, fields: dict[str, str]) -> tuple[str, list[tuple[int, i
     return "".join(parts), spans
 
 
-def _in_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+def _in_span(text: str, offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the field's tokens: those whose first non-space character lies in `span`. Byte-level BPE
+    and Metaspace tokens carry the space before a word ("Ġthe", "▁the" start on the template's space), yet
+    the word is the field's; a whitespace-only token counts where it starts."""
     start, end = span
-    return [i for i, (a, b) in enumerate(offsets) if a >= start and a < end and b > a]
+    picked = []
+    for i, (a, b) in enumerate(offsets):
+        piece = text[a:b]
+        first = a + len(piece) - len(piece.lstrip()) if piece.strip() else a
+        if start <= first < end and b > a:
+            picked.append(i)
+    return picked
 
 
-def _tokens_to_drop(offsets, spans, excess: int) -> set[int] | None:
+def _tokens_to_drop(text: str, offsets, spans, excess: int) -> set[int] | None:
     """Pick `excess` token indices to drop, always from the end of the currently longest field."""
-    kept = [_in_span(offsets, s) for s in spans]
+    kept = [_in_span(text, offsets, s) for s in spans]
     drop: set[int] = set()
     for _ in range(excess):
         longest = max(range(len(kept)), key=lambda k: len(kept[k]), default=None)
