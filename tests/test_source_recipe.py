@@ -37,6 +37,7 @@ def test_recipe_checks_keys_split_and_values(tmp_path):
                          ({**ok, "prompt_lenght": 20}, "unknown key"),
                          ({**ok, "teachers": {"eval_every": 0}}, r"\[teachers\]: eval_every must be an integer >= 1"),
                          ({**ok, "source": {"gap": 2}}, "gap must be"),
+                         ({**ok, "source": {"select": "median"}}, 'select must be "worst" or "mean"'),
                          ({**ok, "source": {"warmpu": 2}}, r"\[source\]: unknown key")]:
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict(bad)
@@ -64,6 +65,10 @@ def test_recipe_builds_resumes_ships_and_serves_as_source_by_name(workspace, tmp
     prov = index["provenance"]
     assert set(prov["teachers"]) == {"polarity", "topic"} and prov["split"]["held_out_targets"] == ["mood"]
     assert set(prov["source"]["gap"]) == {"polarity", "topic"} and prov["wall_seconds"]["total"] > 0
+    gaps = prov["source"]["gap"].values()
+    assert prov["source"]["select"] == "worst" and prov["source"]["worst_gap"] == pytest.approx(min(gaps), abs=1e-4)
+    assert prov["source"]["mean_gap"] == pytest.approx(sum(gaps) / 2, abs=1e-4)
+    assert prov["source"]["every_task_within_gap"] == (min(gaps) >= -0.5)
     for name, teacher in prov["teachers"].items():
         assert teacher["steps"] <= 12 and 0 <= teacher["dev_accuracy"] <= 1
     assert "cores" in prov["machine"] and (tmp_path / "shipped" / "tiny" / "recipe.toml").is_file()
@@ -163,3 +168,13 @@ def test_processes_share_a_build_by_claiming_teachers(workspace, tmp_path):
     for stage in ("teachers/polarity", "teachers/topic", "source"):
         torch.testing.assert_close(load_trained(shared / stage).prompt.fold(),
                                    load_trained(tmp_path / "alone" / stage).prompt.fold(), rtol=0, atol=0)
+
+
+def test_source_stage_scores_the_worst_or_the_mean_gap():
+    from mpt_edge.source_build import gap_score
+
+    accuracy, teachers = {"a": 0.80, "b": 0.50, "c": 0.70}, {"a": 0.75, "b": 0.60, "c": 0.70}
+    worst, details = gap_score(accuracy, teachers, "worst")
+    mean, _ = gap_score(accuracy, teachers, "mean")
+    assert worst == pytest.approx(-0.10) and mean == pytest.approx(-0.05 / 3)
+    assert details["gap"] == pytest.approx({"a": 0.05, "b": -0.10, "c": 0.0})
