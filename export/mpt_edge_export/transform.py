@@ -15,7 +15,9 @@ import onnxruntime as ort
 INT8_RECIPES = {
     "int8": (False, None),                           # every MatMul, per-tensor: fastest, least accurate
     "int8-per-channel": (True, None),                # every MatMul, per-channel weights
-    "int8-mixed": (False, r"down_proj|mlp\.c_proj|output/dense|output\.dense"),  # FFN output projections in fp32
+    # FFN output projections in fp32 (Llama-style down_proj, GPT-2 mlp.c_proj, T5 wo; BERT's output.dense
+    # pattern also matches its attention.output.dense)
+    "int8-mixed": (False, r"down_proj|mlp[/.]c_proj|output/dense|output\.dense|DenseReluDense[/.]wo"),
 }
 DTYPES = ("fp32", "fp16")
 
@@ -35,11 +37,18 @@ def quantize_int8(src: Path, dst: Path, recipe: str = "int8") -> dict:
     if recipe not in INT8_RECIPES:
         raise ValueError(f"quantization recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
     per_channel, keep = INT8_RECIPES[recipe]
-    matmuls = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    nodes = onnx.load(str(src), load_external_data=False).graph.node
+    # onnxruntime quantizes a weight Gemm (GPT-2's Conv1D) as the MatMul it rewrites it into, `<name>_MatMul`
+    matmuls = [n.name if n.op_type == "MatMul" else f"{n.name}_MatMul" for n in nodes
+               if n.op_type in ("MatMul", "Gemm")]
     excluded = [n for n in matmuls if keep and re.search(keep, n)]
+    # per-channel weights fill [-127, 127] in every column, where u8 × s8 products saturate int16 on x86 CPUs
+    # without VNNI (AVX2, AVX-512 before Cascade Lake): 7-bit weights there, as onnxruntime advises
+    reduce_range = per_channel
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
-    return {"recipe": recipe, "per_channel": per_channel, "matmuls": len(matmuls), "kept_fp32": len(excluded)}
+                     reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    return {"recipe": recipe, "per_channel": per_channel, "reduce_range": reduce_range, "matmuls": len(matmuls),
+            "kept_fp32": len(excluded)}
 
 
 def to_fp16(src: Path, dst: Path) -> None:

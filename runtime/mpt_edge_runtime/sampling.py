@@ -36,9 +36,23 @@ class SamplingConfig:
 
 
 def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
-    """logits (B, V) → token ids (B,) int64."""
+    """logits (B, V) → token ids (B,) int64: the argmax (temperature 0), or a draw from `filtered_probabilities`."""
     if config.temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
+    probs = filtered_probabilities(logits, config)
+    draws = rng.random((probs.shape[0], 1))
+    return np.minimum((probs.cumsum(axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+
+
+def filtered_probabilities(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    """logits (B, V) → the distribution tokens are drawn from, (B, V) float64: softmax(logits / temperature), cut to
+    the top_k most likely tokens (tokens tied with the k-th stay), then to the smallest most-likely-first prefix whose
+    probability reaches top_p (ties in order by token id, so a tiny top_p keeps exactly the argmax), renormalised.
+    Temperature 0: all mass on the argmax."""
+    if config.temperature == 0:
+        probs = np.zeros(logits.shape, np.float64)
+        np.put_along_axis(probs, logits.argmax(axis=-1)[:, None], 1.0, axis=-1)
+        return probs
     scaled = logits.astype(np.float64) / config.temperature
     if config.top_k and config.top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -config.top_k, axis=-1)[:, -config.top_k][:, None]
@@ -46,12 +60,11 @@ def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Gener
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     if config.top_p < 1:
-        order = np.argsort(-probs, axis=-1)
+        order = np.argsort(-probs, axis=-1, kind="stable")   # numpy's default sort orders ties differently per CPU
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         before = np.cumsum(sorted_probs, axis=-1) - sorted_probs   # mass of the more likely tokens
         keep = np.zeros_like(probs, dtype=bool)
         np.put_along_axis(keep, order, before < config.top_p, axis=-1)
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
-    draws = rng.random((probs.shape[0], 1))
-    return np.minimum((probs.cumsum(axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+    return probs
