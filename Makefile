@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[train,cpu,dev]"
+	$(PY) -m pip install -q -e ".[train,cpu,dev,serve]"
 	touch $(STAMP)
 
 test: setup

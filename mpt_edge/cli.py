@@ -379,7 +379,7 @@ def quickstart_command(
     typer.echo(results["table"])
 
 
-from mpt_edge import cli_bundle, cli_peft  # noqa: E402,F401  (register export, run, inspect, import-peft, export-peft)
+from mpt_edge import cli_bundle, cli_peft, cli_serve  # noqa: E402,F401  (register export, run, inspect, import-peft, export-peft, serve)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,102 @@
+"""Build the Ray Serve application from a ServeConfig, check its bundles, and run it (local Ray or a cluster)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+from mpt_edge_runtime.bundle import read_manifest
+from mpt_edge_serve.cache import folder_bytes
+from mpt_edge_serve.config import ConfigError, ServeConfig
+
+
+def check_bundles(config: ServeConfig) -> None:
+    """Every bundle folder is a bundle whose files verify, and fits the memory bound alone (or ConfigError)."""
+    for ref in config.bundles:
+        read_manifest(ref.path)   # BundleError names what is wrong
+        size = folder_bytes(ref.path)
+        if size > config.bundle_memory_mb * 2 ** 20:
+            raise ConfigError(f"bundle {ref.name} ({ref.path}) has {size / 2 ** 20:.0f} MB of files, above "
+                              f"--bundle-memory-mb {config.bundle_memory_mb:g}; raise it")
+
+
+def build_app(config: ServeConfig):
+    """The application: the gateway deployment (ingress) bound to the worker deployment."""
+    from mpt_edge_serve.gateway import Gateway
+    from mpt_edge_serve.worker import Worker
+
+    scaling = ({"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                                       "initial_replicas": max(config.min_replicas, 1),
+                                       "target_ongoing_requests": config.target_ongoing_requests}}
+               if config.min_replicas is not None else {"num_replicas": config.replicas})
+    logging_config = {"enable_access_log": config.access_log}
+    worker = Worker.options(
+        **scaling, max_ongoing_requests=config.max_ongoing_requests, logging_config=logging_config,
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+        graceful_shutdown_timeout_s=5,
+    ).bind(config)
+    return Gateway.options(
+        num_replicas=config.gateway_replicas, max_ongoing_requests=max(1000, 4 * config.max_ongoing_requests),
+        logging_config=logging_config, ray_actor_options={"num_cpus": 0},
+    ).bind(config, worker)
+
+
+def deploy(config: ServeConfig, address: str | None = None, metrics_port: int | None = None,
+           num_cpus: int | None = None, log: Callable[[str], None] = print) -> bool:
+    """Connect to the Ray cluster at `address` (None: start a local Ray instance) and deploy; returns whether
+    this call started Ray (and so should shut it down)."""
+    import ray
+    from ray import serve
+
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+                 log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    log(f"mpt-edge serve: {len(config.bundles)} bundle(s) at http://{config.host}:{config.port} "
+        f"(app {config.app_name!r}, batching {'on' if config.batching else 'off'}, admin API "
+        f"{'on' if config.admin_token else 'off'}); Prometheus metrics on each Ray node's metrics port"
+        + (f" (this one: http://127.0.0.1:{metrics_port}/metrics)" if address is None and metrics_port else ""))
+    return address is None
+
+
+def serve_until_stopped(config: ServeConfig, address: str | None = None, metrics_port: int | None = None,
+                        num_cpus: int | None = None, detach: bool = False, log: Callable[[str], None] = print) -> None:
+    """Deploy, then wait for SIGINT / SIGTERM and take the application down (and the local Ray instance, if
+    this process started it). With `detach` (a cluster only) the application keeps running after return."""
+    import ray
+    from ray import serve
+
+    if detach and address is None:
+        raise ConfigError("--detach needs --address: a local Ray instance ends with this process")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = deploy(config, address, metrics_port, num_cpus, log)
+    if detach:
+        log(f"deployed; it runs until: mpt-edge serve-stop --address {address} --app-name {config.app_name}")
+        return
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log("mpt-edge serve: stopping")
+        try:
+            serve.delete(config.app_name) if not started else serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def stop_app(address: str, app_name: str) -> None:
+    """Take a deployed application off the cluster at `address`."""
+    import ray
+    from ray import serve
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        serve.delete(app_name)
+    finally:
+        ray.shutdown()
