@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from mpt_edge.atomic import output_error, write_bytes_atomic, write_text_atomic
+from mpt_edge.atomic import check_writable, write_bytes_atomic, write_text_atomic
 
 FORMAT = "mpt-edge-checkpoint"
 VERSION = 1
@@ -28,13 +28,9 @@ class CheckpointError(ValueError):
 
 
 def make_folder(folder: Path) -> Path:
-    """Create the checkpoint folder (early, before any training), or an OutputError that says why not."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise output_error(folder, err) from None
-    return folder
+    """Create the checkpoint folder and probe that it takes a file (early, before any training), or an
+    OutputError that says why not."""
+    return check_writable(folder)
 
 
 def has_checkpoint(folder: Path) -> bool:
@@ -43,7 +39,7 @@ def has_checkpoint(folder: Path) -> bool:
 
 def save_checkpoint(folder: Path, meta: dict, tensors: dict[str, torch.Tensor], step: int) -> Path:
     """Write tensors and `meta` (JSON-able) as the checkpoint of `step`; returns the index path."""
-    folder = make_folder(folder)
+    folder = Path(folder)
     name = f"state-{step:08d}.safetensors"
     data = save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     write_bytes_atomic(folder / name, data)

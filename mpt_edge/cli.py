@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from mpt_edge.atomic import check_writable
+
 app = typer.Typer(help="Multitask Prompt Tuning on one frozen backbone.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 train_app = typer.Typer(help="Train the MPT stages and baselines.", no_args_is_help=True)
@@ -131,9 +133,9 @@ def data_fetch(
 
     Example: mpt-edge data fetch --tasks rotten_tomatoes,tweet_sentiment
     """
+    folder = check_writable(_data_dir(out), keep=False)
     from mpt_edge.data.fetch import fetch_tasks
 
-    folder = _data_dir(out)
     summary = fetch_tasks(folder, _names(tasks) or None, seed=seed, max_train=max_train, max_eval=max_eval,
                           progress=lambda msg: typer.echo(msg, err=True))
     for name, manifest in summary.items():
@@ -155,6 +157,7 @@ def train_teachers(
 
     Example: mpt-edge train teachers --tasks tweet_sentiment,newsgroups20 --out runs/teachers --steps 100
     """
+    check_writable(out, keep=False)
     from mpt_edge import stages
     from mpt_edge.backbones import load_backbone
     from mpt_edge.datasets import load_split
@@ -204,6 +207,7 @@ def train_source(
         from mpt_edge.tasks import TaskError
 
         raise TaskError("give --teachers CHECKPOINT and --out FOLDER, or --recipe FILE (which trains the teachers too)")
+    check_writable(out, keep=False)
     from mpt_edge import stages
     from mpt_edge.backbones import load_backbone
     from mpt_edge.datasets import load_split
@@ -236,6 +240,8 @@ def _source_from_recipe(recipe: str, out: Optional[Path], work: Optional[Path], 
     plan = read_recipe(path)
     out = out or Path("runs/sources") / plan.name
     work = work or Path("runs/sources") / f"{plan.name}-work"
+    for folder in (out, work):
+        check_writable(folder, keep=False)
     prov = build_source(plan, work, _data_dir(data), progress=not quiet, log=lambda msg: typer.echo(msg, err=True))
     index = write_shipped(out, work, path, prov)
     gaps = ", ".join(f"{k} {100 * v:+.1f}" for k, v in prov["source"]["gap"].items())
@@ -270,6 +276,7 @@ def train_target(
 
     Example: mpt-edge train target --tasks rotten_tomatoes --source runs/source --mode full --out runs/mpt --eval-every 25
     """
+    check_writable(out, keep=False)
     from mpt_edge import stages
     from mpt_edge.backbones import load_backbone
     from mpt_edge.datasets import load_split
@@ -372,6 +379,7 @@ def quickstart_command(
 
     Example: mpt-edge quickstart
     """
+    check_writable(out, keep=False)
     from mpt_edge.quickstart import QuickstartConfig, run_quickstart
 
     results = run_quickstart(QuickstartConfig(out=out, backbone=backbone, steps=steps, test_limit=test_limit),

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from mpt_edge.atomic import check_writable
 from mpt_edge.cli import Backbone, Config, DataDir, _cli_errors, _data_dir, app
 
 Device = Annotated[str, typer.Option(help="cpu, cuda (an error if it cannot be had) or auto.")]
@@ -36,6 +37,7 @@ def export_command(
 
     Example: mpt-edge export runs/mpt --out bundles/mpt --quantize int8-mixed
     """
+    check_writable(out.parent, keep=False)   # the bundle is built in a temp folder beside --out
     from mpt_edge.backbones import load_backbone
     from mpt_edge.bundling import bundle_source
     from mpt_edge.trained import load_trained

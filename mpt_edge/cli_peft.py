@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from mpt_edge.atomic import check_writable
 from mpt_edge.cli import Backbone, DataDir, _cli_errors, _data_dir, _names, app
 
 
@@ -26,6 +27,7 @@ def import_peft_command(
 
     Example: mpt-edge import-peft peft-adapter/ --tasks tweet_sentiment,rotten_tomatoes --out runs/from-peft
     """
+    check_writable(out, keep=False)
     from mpt_edge.backbones import load_backbone
     from mpt_edge.datasets import task_folder
     from mpt_edge.peft_interop import import_peft, read_peft_adapter
@@ -51,6 +53,7 @@ def export_peft_command(
 
     Example: mpt-edge export-peft runs/source --out peft-adapter
     """
+    check_writable(out.parent, keep=False)   # the adapter is written in a temp folder beside --out
     from mpt_edge.backbones import load_backbone
     from mpt_edge.peft_interop import peft_prompt_from_trained, write_peft_adapter
     from mpt_edge.trained import load_trained

@@ -133,7 +133,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     Under `torchrun` (an initialised process group, see `mpt_edge.distributed`) every rank trains on its shard
     of each global batch with summed gradients; rank 0 validates, checkpoints and shows progress.
     """
-    out = make_folder(out) if not has_checkpoint(out) else Path(out)
+    out = make_folder(out)   # probes that it takes a file, before any training (resumed runs too)
     ranks = distributed.current()
     if config.batch_size < ranks.world:
         raise ValueError(f"batch size {config.batch_size} is smaller than the {ranks.world} ranks; every rank needs "

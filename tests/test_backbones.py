@@ -204,6 +204,7 @@ def _load_real(request, name: str) -> tuple[Backbone, float]:
 
 
 @pytest.mark.real
+@pytest.mark.timeout(3600)   # downloads (opt-in)
 def test_real_smollm2(request):
     backbone, seconds = _load_real(request, "smollm2-135m")
     print(f"smollm2-135m loaded in {seconds:.1f} s")
@@ -220,6 +221,7 @@ def test_real_smollm2(request):
 
 
 @pytest.mark.real
+@pytest.mark.timeout(3600)   # downloads (opt-in)
 def test_real_minilm(request):
     backbone, seconds = _load_real(request, "minilm-l6")
     print(f"minilm-l6 loaded in {seconds:.1f} s")

@@ -21,17 +21,24 @@ LONG = ["--steps", "40", "--prompt-length", "4", "--max-length", "32", "--batch-
         "--checkpoint-every", "3"]
 
 
-def spawn(*args) -> subprocess.Popen:
+def spawn(*args, log: Path) -> subprocess.Popen:
+    """`python -m mpt_edge ARGS` with stderr to the file `log` (a pipe that nobody drains can fill up and block
+    the child while the test polls it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mpt_edge", *map(str, args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "mpt_edge", *map(str, args)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            pytest.fail(f"the process ended before the kill point: {process.stderr.read().decode()[-2000:]}")
+            pytest.fail(f"the process ended before the kill point: {tail(log)}")
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail("the kill point was not reached in time")
@@ -45,11 +52,12 @@ def step_of(folder: Path) -> int:
         return 0
 
 
+@pytest.mark.timeout(900)   # three training runs in child processes
 def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(workspace, tmp_path):
     ws = workspace
     args = ["train", "teachers", "--tasks", "polarity,topic", *common(ws), *LONG]
-    process = spawn(*args, "--out", tmp_path / "killed")
-    wait_for(lambda: step_of(tmp_path / "killed") >= 9, process)
+    process = spawn(*args, "--out", tmp_path / "killed", log=tmp_path / "killed.log")
+    wait_for(lambda: step_of(tmp_path / "killed") >= 9, process, tmp_path / "killed.log")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     index, _ = load_checkpoint(tmp_path / "killed")          # whatever moment it died at, the last one loads
@@ -57,8 +65,11 @@ def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(workspa
     result = invoke(*args, "--out", tmp_path / "killed")
     assert result.exit_code == 1 and "--resume" in result.output
     # the same thread count as the killed process, so that float round-off matches too
-    for process in (spawn(*args, "--out", tmp_path / "killed", "--resume"), spawn(*args, "--out", tmp_path / "whole")):
-        assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
+    logs = [tmp_path / "resumed.log", tmp_path / "whole.log"]
+    processes = [spawn(*args, "--out", tmp_path / "killed", "--resume", log=logs[0]),
+                 spawn(*args, "--out", tmp_path / "whole", log=logs[1])]
+    for process, log in zip(processes, logs):
+        assert process.wait(timeout=300) == 0, tail(log)
     _, resumed = load_checkpoint(tmp_path / "killed")
     _, whole = load_checkpoint(tmp_path / "whole")
     for key in whole:
@@ -69,8 +80,8 @@ def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(workspa
 def test_sigkill_during_export_leaves_no_bundle_and_the_next_export_cleans_up(workspace, tmp_path):
     ws = workspace
     assert invoke("train", "teachers", "--tasks", "polarity", "--out", tmp_path / "t", *common(ws), *FAST).exit_code == 0
-    process = spawn("export", tmp_path / "t", "--out", tmp_path / "bundle", *common(ws))
-    wait_for(lambda: any(tmp_path.glob(".bundle.tmp-*")), process)
+    process = spawn("export", tmp_path / "t", "--out", tmp_path / "bundle", *common(ws), log=tmp_path / "export.log")
+    wait_for(lambda: any(tmp_path.glob(".bundle.tmp-*")), process, tmp_path / "export.log")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "bundle").exists()

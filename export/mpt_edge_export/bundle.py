@@ -80,11 +80,11 @@ class BundleSource:
 def write_bundle(source: BundleSource, out: Path, options: ExportOptions = ExportOptions(), log=lambda msg: None) -> dict:
     """Export `source` into the folder `out`; returns the manifest."""
     out = Path(out)
+    _recover(out)
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     length, dim = source.groups[0].shape
     _check_tasks(source, length, dim)
-    _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,12 +99,26 @@ def write_bundle(source: BundleSource, out: Path, options: ExportOptions = Expor
     return manifest
 
 
-def _remove_stale(out: Path) -> None:
-    """Delete temp folders that killed exports to `out` left behind (their process is gone)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+def _recover(out: Path) -> None:
+    """Undo what killed exports to `out` left behind: a bundle their swap had moved aside goes back to `out` if
+    nothing replaced it (else it is deleted), and their temp folders are deleted."""
+    for old in _leftovers(out, "old"):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, out)
+    for stale in _leftovers(out, "tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """The `.NAME.KIND-PID` folders beside `out` whose export is over (its process is gone, or was this one's pid)."""
+    found = []
+    for path in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            found.append(path)
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -265,6 +279,8 @@ def _replace(graph: Path, write) -> dict | None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is moved aside first and deleted after (a kill in between leaves
+    it as `.NAME.old-PID`, which the next export puts back or deletes: see `_recover`)."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
