@@ -211,6 +211,7 @@ def test_api_answers_equal_the_runtime_and_streams_server_sent_events(bundle, en
 BAD_REQUESTS = [
     ("/v1/classify", b"{\"task\": \"mood\", \"texts\": [", 400, "malformed JSON"),
     ("/v1/classify", b"\xff\xfe{}", 400, "UTF-8"),
+    ("/v1/classify", b"[" * 4000, 400, "recursion"),   # nested deeper than the decoder goes: not a 500
     ("/v1/classify", b"x" * 5000, 413, "4096"),
     ("/v1/classify", {"task": "nope", "texts": ["a"]}, 404, "unknown task 'nope'"),
     ("/v1/classify", {"task": "mood", "texts": "a"}, 422, "wrap one text in a list"),
@@ -431,26 +432,34 @@ def served(bundle, tmp_path_factory):
     with open(folder / "serve.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Served(proc, port, metrics_port, folder)
-    family: set[int] = set()
+    family: dict[int, psutil.Process] = {}   # Process objects: kill() checks that a pid was not reused since
+
+    def started() -> bool:
+        family.update((p.pid, p) for p in server.family() if p.pid not in family)
+        if "mpt-edge serve: 1 bundle(s)" not in server.log():
+            return False
+        try:   # deployed; the HTTP proxy may still be taking its routes
+            return request(port, "GET", "/healthz", timeout=15).status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
     try:
         deadline = time.monotonic() + 300
-        while "mpt-edge serve: 1 bundle(s)" not in server.log():
+        while not started():
             assert proc.poll() is None, f"mpt-edge serve exited {proc.returncode}:\n{server.log()[-3000:]}"
             assert time.monotonic() < deadline, f"mpt-edge serve did not start in 300 s:\n{server.log()[-3000:]}"
-            family |= {p.pid for p in server.family()}
             time.sleep(0.5)
-        family |= {p.pid for p in server.family()}
         yield server
     finally:
-        family |= {p.pid for p in server.family()}
+        family.update((p.pid, p) for p in server.family() if p.pid not in family)
         proc.send_signal(signal.SIGINT)   # takes the application and its local Ray instance down
         try:
             proc.wait(90)
         except subprocess.TimeoutExpired:
             proc.kill()
-        for pid in family:   # whatever of ours survived a failed shutdown
+        for process in family.values():   # whatever of ours survived a failed shutdown
             try:
-                psutil.Process(pid).kill()
+                process.kill()
             except psutil.Error:
                 pass
 
@@ -506,6 +515,7 @@ def test_concurrent_requests_of_two_tasks_are_served_in_one_batch(served, engine
 def test_bad_requests_over_ray_get_4xx(served):
     assert served.post("/v1/classify", b"{not json").status == 400
     assert served.post("/v1/classify", b"[" + b" " * 70_000 + b"]").status == 413
+    assert served.post("/v1/classify", b'{"task": "mood", "texts": ["a"], "n": ' + b"9" * 5000 + b"}").status == 400
     assert served.post("/v1/classify", {"task": "nope", "texts": ["a"]}).status == 404
     assert served.post("/v1/generate", {"task": "mood", "texts": ["a"]}).status == 422
     long = served.post("/v1/generate", {"task": "echo", "texts": ["a"], "max_new_tokens": 250})

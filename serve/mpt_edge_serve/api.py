@@ -67,6 +67,8 @@ async def read_json(request: Request, limit: int) -> object:
         raise ApiError(400, f"the body is not UTF-8 ({err.reason} at byte {err.start}); send JSON in UTF-8") from None
     except json.JSONDecodeError as err:
         raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except (ValueError, RecursionError) as err:   # an integer of > 4300 digits; arrays / objects nested too deep
+        raise ApiError(400, f"malformed JSON: {err}") from None
 
 
 def batch_headers(item: dict) -> dict[str, str]:

@@ -73,21 +73,30 @@ def serve_until_stopped(config: ServeConfig, address: str | None = None, metrics
     if detach and address is None:
         raise ConfigError("--detach needs --address: a local Ray instance ends with this process")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    started = deploy(config, address, metrics_port, num_cpus, log)
-    if detach:
-        log(f"deployed; it runs until: mpt-edge serve-stop --address {address} --app-name {config.app_name}")
-        return
+    # While deploying, Ctrl-C interrupts (serve.run waits as long as replicas cannot be placed, e.g. more
+    # --replica-cpus than the machine has); the finally below then takes down what was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    deployed = False
     try:
+        deploy(config, address, metrics_port, num_cpus, log)
+        deployed = True
+        if detach:
+            log(f"deployed; it runs until: mpt-edge serve-stop --address {address} --app-name {config.app_name}")
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
     finally:
-        log("mpt-edge serve: stopping")
-        try:
-            serve.delete(config.app_name) if not started else serve.shutdown()
-        finally:
-            ray.shutdown()
+        if not (detach and deployed):
+            log("mpt-edge serve: stopping")
+            try:
+                if address is None and ray.is_initialized():   # guarded: serve.shutdown() would start a Ray
+                    serve.shutdown()
+                elif deployed:
+                    serve.delete(config.app_name)
+            finally:
+                ray.shutdown()
 
 
 def stop_app(address: str, app_name: str) -> None:
