@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -42,6 +43,13 @@ def build_app(config: ServeConfig):
     ).bind(config, worker)
 
 
+# Ray Serve gives its HTTP proxy 3 readiness checks of 5 s before killing it, and `serve.start` waits 60 s;
+# the proxy took ~60 s to start on a busy 2-core machine (load 5), so the deploy failed. A local Ray started
+# here lets the checks take 30 s each; set the variable yourself to override it (on a cluster: where you start
+# Ray), and a slow proxy no longer fails the deploy: Serve keeps starting it and the health check tells when.
+SLOW_START = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
+
 def deploy(config: ServeConfig, address: str | None = None, metrics_port: int | None = None,
            num_cpus: int | None = None, log: Callable[[str], None] = print) -> bool:
     """Connect to the Ray cluster at `address` (None: start a local Ray instance) and deploy; returns whether
@@ -50,11 +58,17 @@ def deploy(config: ServeConfig, address: str | None = None, metrics_port: int | 
     from ray import serve
 
     if address is None:
+        for name, seconds in SLOW_START.items():  # read by the Serve controller this local Ray starts
+            os.environ.setdefault(name, seconds)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
                  log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+    except (TimeoutError, ray.exceptions.ActorDiedError) as err:  # Serve waits 60 s for its proxy, then gives up
+        log(f"mpt-edge serve: the HTTP proxy is slow to start ({type(err).__name__}); Serve keeps starting it")
+        serve.start(http_options={"host": config.host, "port": config.port})   # joins the running controller
     serve.run(build_app(config), name=config.app_name, route_prefix="/")
     log(f"mpt-edge serve: {len(config.bundles)} bundle(s) at http://{config.host}:{config.port} "
         f"(app {config.app_name!r}, batching {'on' if config.batching else 'off'}, admin API "
