@@ -200,6 +200,9 @@ def train_source(
 
     Example: mpt-edge train source --teachers runs/teachers --out runs/source --steps 200
     Example: mpt-edge train source --recipe smollm2-135m    (stages 1 and 2 from a recipe; resumable)
+
+    With --recipe the same command may run once per core (OMP_NUM_THREADS=1 each): the processes share the
+    teachers and the source stage through locks in the work folder.
     """
     if recipe is not None:
         return _source_from_recipe(recipe, out, work, data, quiet)
