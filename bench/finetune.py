@@ -14,7 +14,7 @@ from mpt_edge import stages
 from mpt_edge.batching import collate, encode_tasks
 from mpt_edge.evaluate import evaluate
 from mpt_edge.losses import batch_task_loss
-from mpt_edge.sampling import RoundRobinSampler
+from mpt_edge.task_mixing import RoundRobinSampler
 
 LR = 2e-5   # AdamW, the usual fine-tuning rate for small transformers
 

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.backbones import load_backbone
-from mpt_edge.init import init_prompt
+from mpt_edge.prompt_init import init_prompt
 from mpt_edge_export.decoder import export_decoder
 from mpt_edge_runtime.generation import DecoderSession, decode, prefill_inputs, prompt_cache
 from mpt_edge_runtime.sampling import SamplingConfig

@@ -35,14 +35,14 @@ from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.backbones import load_backbone
 from mpt_edge.batching import encode_tasks
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.checkpoint import has_checkpoint
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportOptions, write_bundle, write_task_file
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle, write_task_file
 from mpt_edge_export.graph import PromptedFeatures
 from mpt_edge_export.transform import INT8_RECIPES
 from mpt_edge_runtime import format as fmt

@@ -64,9 +64,9 @@ def build_bundle(out: Path, prompt_length: int) -> None:
     import torch
 
     from mpt_edge.backbones import load_backbone
-    from mpt_edge.bundling import backbone_facts
-    from mpt_edge.init import vocab_prompt
-    from mpt_edge_export.bundle import BundleSource, ExportOptions, ExportTask, write_bundle
+    from mpt_edge.bundle_source import backbone_facts
+    from mpt_edge.prompt_init import vocab_prompt
+    from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
     from mpt_edge_export.families import adapter_for
 
     backbone = load_backbone("smollm2-135m")

@@ -22,7 +22,7 @@ from mpt_edge.batching import encode_tasks
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 
 

@@ -30,7 +30,7 @@ from mpt_edge.losses import Totals, batch_task_loss
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.scoring import Classifier
 from mpt_edge.source_build import machine
-from mpt_edge.train import TrainConfig
+from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
 from mpt_edge_export.families import adapter_for
 

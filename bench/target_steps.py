@@ -25,7 +25,7 @@ from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.losses import Totals
 from mpt_edge.shipped import resolve_source
-from mpt_edge.train import TrainConfig
+from mpt_edge.training_loop import TrainConfig
 
 SETTINGS = {"lr_factors 0.4 (paper)": (0.03, 0.4, 0), "lr_factors 0.015": (0.03, 0.015, 0),
             "lr_factors 0.015 + warmup 6": (0.03, 0.015, 6), "lr_factors 0.4 + warmup 6": (0.03, 0.4, 6)}

@@ -55,9 +55,9 @@ def run_ours(args) -> dict:
 
     from mpt_edge import stages
     from mpt_edge.backbones import load_backbone
-    from mpt_edge.init import identity_factors
+    from mpt_edge.prompt_init import identity_factors
     from mpt_edge.prompt import MultitaskPrompt
-    from mpt_edge.train import TrainConfig
+    from mpt_edge.training_loop import TrainConfig
 
     backbone = load_backbone(args.backbone)
     specs, data = batches(backbone, args.seq, args.batch, args.steps + args.warmup)

@@ -92,7 +92,7 @@ def _data_dir(data: Optional[Path]) -> Path:
 
 
 def _train_config(**options):
-    from mpt_edge.train import TrainConfig
+    from mpt_edge.training_loop import TrainConfig
 
     return TrainConfig(**options)
 
@@ -105,7 +105,7 @@ def _encode(tasks, backbone, config):
 
 def _fit_and_report(plan, encoded, config, out, resume, quiet, validate=None) -> None:
     from mpt_edge import distributed
-    from mpt_edge.train import fit
+    from mpt_edge.training_loop import fit
 
     ranks = distributed.init_from_env()   # under torchrun: join the process group (see "Scaling out")
     index = fit(plan, encoded, config, out, resume=resume, progress=not quiet, validate=validate)

@@ -39,9 +39,9 @@ def export_command(
     """
     check_writable(out.parent, keep=False)   # the bundle is built in a temp folder beside --out
     from mpt_edge.backbones import load_backbone
-    from mpt_edge.bundling import bundle_source
+    from mpt_edge.bundle_source import bundle_source
     from mpt_edge.trained import load_trained
-    from mpt_edge_export.bundle import ExportOptions, write_bundle
+    from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 
     trained = load_trained(checkpoint)
     options = ExportOptions(optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,

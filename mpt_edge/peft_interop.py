@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from mpt_edge.checkpoint import save_checkpoint
 from mpt_edge.tasks import TaskSpec
-from mpt_edge.train import TrainConfig
+from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
 
 PEFT_TYPE = "MULTITASK_PROMPT_TUNING"

@@ -22,15 +22,15 @@ from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.backbones import describe, fingerprint, load_backbone
 from mpt_edge.batching import encode_tasks
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.evaluate import evaluate_engine, evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source, shipped_names
-from mpt_edge.train import SOURCE_LR_FACTORS, TrainConfig, fit
+from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportOptions, write_bundle
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 
 
 @dataclass(frozen=True)

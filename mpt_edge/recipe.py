@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import SOURCE_LR_FACTORS, TrainConfig
+from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig
 
 
 class RecipeError(ValueError):

@@ -30,7 +30,7 @@ from mpt_edge.evaluate import dev_scorer
 from mpt_edge.losses import DistillConfig
 from mpt_edge.recipe import Recipe
 from mpt_edge.shipped import RECIPE, combine_teachers, save_source
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import Trained, load_trained
 
 Log = Callable[[str], None]

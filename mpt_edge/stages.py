@@ -1,4 +1,4 @@
-"""The MPT stages and the baselines, each a function that builds a `Plan` for `mpt_edge.train.fit`.
+"""The MPT stages and the baselines, each a function that builds a `Plan` for `mpt_edge.training_loop.fit`.
 
 - `prompt_tuning`: vanilla PT, one prompt per task (stage 1 `teachers`; baselines `pt` and `spot`).
 - `source`: stage 2, one shared P* and rank-r factors per source task, distilled from the teachers.
@@ -14,13 +14,13 @@ import torch
 
 from mpt_edge.batching import EncodedTask
 from mpt_edge.heads import TaskHeads
-from mpt_edge.init import factors_from_source, identity_factors, init_prompt
+from mpt_edge.prompt_init import factors_from_source, identity_factors, init_prompt
 from mpt_edge.losses import DistillConfig, Totals, batch_task_loss, distillation_loss
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
-from mpt_edge.sampling import MixtureSampler, RoundRobinSampler
+from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler
 from mpt_edge.scoring import Classifier, SequenceLabels, VerbalizerScorer
 from mpt_edge.tasks import TaskError
-from mpt_edge.train import Plan, TrainConfig
+from mpt_edge.training_loop import Plan, TrainConfig
 from mpt_edge.trained import Trained, fixed_prompts
 from mpt_edge_export.families import adapter_for
 

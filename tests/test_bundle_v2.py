@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mpt_edge.bundling import bundle_source
-from mpt_edge_export.bundle import ExportOptions, write_bundle
+from mpt_edge.bundle_source import bundle_source
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 import mpt_edge_runtime as mer
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256, task_tensors

@@ -132,7 +132,7 @@ def test_cli_defaults_match_the_config_dataclasses():
     import typer.main
 
     from mpt_edge.losses import DistillConfig
-    from mpt_edge.train import SOURCE_LR_FACTORS, TrainConfig
+    from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig
 
     defaults = {**TrainConfig().__dict__, "distill_weight": DistillConfig().weight,
                 "temperature": DistillConfig().temperature}

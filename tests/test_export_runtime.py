@@ -13,11 +13,11 @@ import torch
 from conftest import synthetic_rows, synthetic_task
 from mpt_edge import stages
 from mpt_edge.batching import collate, encode_tasks
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportError, ExportOptions, write_bundle, write_task_file
+from mpt_edge_export.bundle_writer import ExportError, ExportOptions, write_bundle, write_task_file
 import mpt_edge_runtime as mer
 from mpt_edge_runtime import format as fmt
 

@@ -9,13 +9,13 @@ import pytest
 from conftest import synthetic_rows, synthetic_task
 from mpt_edge import stages
 from mpt_edge.batching import collate, encode_tasks, eos_id
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.evaluate import evaluate_trained
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.tasks import Example, TaskData, TaskError, TaskSpec, load_examples
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import write_bundle
+from mpt_edge_export.bundle_writer import write_bundle
 from mpt_edge_runtime import load
 
 PROMPT = PromptConfig(length=4)

@@ -24,7 +24,7 @@ from conftest import VOCAB
 from mpt_edge.atomic import OutputError, check_writable
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
 from mpt_edge.shipped import shipped_recipe
-from mpt_edge_export.bundle import ExportTask, write_task_file
+from mpt_edge_export.bundle_writer import ExportTask, write_task_file
 from test_cli import FAST, common, invoke
 from test_generation import bundle as decoder_bundle  # noqa: F401  (module fixture: causal bundle with generation)
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SPECS, synthetic_rows, tiny_llama_backbone
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.peft_interop import (PeftInteropError, import_peft, peft_prompt_from_trained, read_peft_adapter,
                                    write_peft_adapter)
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportOptions, write_bundle
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 from mpt_edge_runtime.text import encode_example
 import mpt_edge_runtime as mer
 

@@ -17,12 +17,12 @@ from onnx import numpy_helper
 from conftest import VOCAB, synthetic_rows, synthetic_task, tiny_bert_backbone, tiny_llama_backbone, tiny_t5_backbone
 from mpt_edge import stages
 from mpt_edge.batching import encode_tasks
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export import bundle as bundle_module, transform
-from mpt_edge_export.bundle import ExportOptions, write_bundle
+from mpt_edge_export import bundle_writer as bundle_module, transform
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 from mpt_edge_export.decoder import export_decoder
 from mpt_edge_export.families import adapter_for
 from mpt_edge_export.graph import PromptedFeatures, export_graph

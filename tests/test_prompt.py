@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpt_edge.init import factors_from_source, identity_factors, init_prompt, text_prompt, vocab_prompt
+from mpt_edge.prompt_init import factors_from_source, identity_factors, init_prompt, text_prompt, vocab_prompt
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 
 

@@ -26,14 +26,14 @@ import torch
 from mpt_edge import stages
 from mpt_edge.backbones import NAMED_BACKBONES, load_backbone
 from mpt_edge.batching import collate, encode_tasks, eos_id
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
 from mpt_edge.packages import cache_dir
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportOptions, write_bundle
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 import mpt_edge_runtime as mer
 from test_generation_logits import StepRecorder, pytorch_step_logits
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import mpt_edge_runtime as mer
 from conftest import tiny_bert_backbone
-from mpt_edge.bundling import backbone_facts
-from mpt_edge_export.bundle import BundleSource, ExportOptions, ExportTask, write_bundle
+from mpt_edge.bundle_source import backbone_facts
+from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
 from mpt_edge_export.families import adapter_for
 from mpt_edge_runtime import format as fmt
 from test_export_runtime import _copy as copy_bundle, _rewrite_manifest as rewrite_manifest

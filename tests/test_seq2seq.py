@@ -11,14 +11,14 @@ from torch.nn import functional as F
 from conftest import SPECS, synthetic_rows, synthetic_task, tiny_t5_backbone
 from mpt_edge import stages
 from mpt_edge.batching import collate, encode_tasks, eos_id
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.evaluate import evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.scoring import verbalizer_ids
 from mpt_edge.tasks import TaskSpec
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import ExportError, ExportOptions, write_bundle
+from mpt_edge_export.bundle_writer import ExportError, ExportOptions, write_bundle
 from test_generate_training import naming_task
 import mpt_edge_runtime as mer
 

@@ -10,12 +10,12 @@ import torch
 from conftest import VOCAB, tiny_t5_backbone
 from mpt_edge import stages
 from mpt_edge.batching import encode_tasks, eos_id
-from mpt_edge.bundling import backbone_facts, bundle_source
+from mpt_edge.bundle_source import backbone_facts, bundle_source
 from mpt_edge.evaluate import evaluate_trained
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
-from mpt_edge_export.bundle import BundleSource, ExportOptions, ExportTask, write_bundle
+from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
 from mpt_edge_export.families import adapter_for
 from mpt_edge_runtime import load
 from mpt_edge_runtime.text import encode_example

@@ -8,12 +8,12 @@ import torch
 from conftest import synthetic_rows
 from mpt_edge import stages
 from mpt_edge.batching import collate, encode_tasks
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.tasks import Example, TaskData, TaskError, TaskSpec
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import fixed_prompts, load_trained
-from mpt_edge_export.bundle import write_bundle
+from mpt_edge_export.bundle_writer import write_bundle
 from mpt_edge_runtime import load
 
 SPEC = TaskSpec("shades", ("negative", "positive"), template="Review : {text} Sentiment :",

@@ -32,8 +32,8 @@ import uvicorn  # noqa: E402
 
 import mpt_edge_runtime as mer  # noqa: E402
 from conftest import VOCAB, tiny_llama_backbone  # noqa: E402
-from mpt_edge.bundling import backbone_facts  # noqa: E402
-from mpt_edge_export.bundle import BundleSource, ExportOptions, ExportTask, write_bundle, write_task_file  # noqa: E402
+from mpt_edge.bundle_source import backbone_facts  # noqa: E402
+from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle, write_task_file  # noqa: E402
 from mpt_edge_export.families import adapter_for  # noqa: E402
 from mpt_edge_serve.api import build_api  # noqa: E402
 from mpt_edge_serve.app import check_bundles  # noqa: E402

@@ -19,13 +19,13 @@ from conftest import subword_tokenizer
 from mpt_edge import stages
 from mpt_edge.backbones import Backbone
 from mpt_edge.batching import collate, encode_tasks, eos_id
-from mpt_edge.bundling import bundle_source
+from mpt_edge.bundle_source import bundle_source
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.scoring import verbalizer_ids
 from mpt_edge.tasks import Example, TaskData, TaskSpec
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import Trained, fixed_prompts, load_trained
-from mpt_edge_export.bundle import ExportOptions, write_bundle
+from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 from mpt_edge_runtime import Engine, load
 from mpt_edge_runtime.text import encode_example, special_tokens
 

@@ -15,7 +15,7 @@ from mpt_edge.evaluate import dev_scorer, evaluate_trained
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
 from mpt_edge.losses import DistillConfig, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.train import TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 
 PROMPT = PromptConfig(length=4)

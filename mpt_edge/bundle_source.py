@@ -12,7 +12,7 @@ import torch
 import mpt_edge
 from mpt_edge.scoring import verbalizer_ids, verbalizer_sequences
 from mpt_edge.trained import Trained
-from mpt_edge_export.bundle import BundleSource, ExportError, ExportTask
+from mpt_edge_export.bundle_writer import BundleSource, ExportError, ExportTask
 from mpt_edge_export.families import adapter_for
 
 

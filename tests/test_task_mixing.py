@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mpt_edge.sampling import MixtureSampler, RoundRobinSampler, mixing_rates
+from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler, mixing_rates
 
 
 def test_mixing_rates_are_proportional_up_to_the_cap():
