@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from mpt_edge.errors import OutputError  # noqa: F401  (defined with the other project errors)
+
 FIXES = {
     errno.ENOSPC: "the disk is full: free space or choose another output folder",
     errno.EDQUOT: "the disk quota is exhausted: free space or choose another output folder",
@@ -22,10 +24,6 @@ FIXES = {
     errno.ENOTDIR: "a file is in the way of the folder: choose another output folder",
     errno.EEXIST: "a file is in the way of the folder: choose another output folder",
 }
-
-
-class OutputError(ValueError):
-    """A file or folder that cannot be written; nothing written before is damaged."""
 
 
 def output_error(path: Path, err: OSError) -> OutputError:

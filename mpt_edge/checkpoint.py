@@ -17,14 +17,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from mpt_edge.atomic import check_writable, write_bytes_atomic, write_text_atomic
+from mpt_edge.errors import CheckpointError  # noqa: F401  (defined with the other project errors)
 
 FORMAT = "mpt-edge-checkpoint"
 VERSION = 1
 INDEX = "checkpoint.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, of another format, damaged, or does not fit what it is used with."""
 
 
 def make_folder(folder: Path) -> Path:

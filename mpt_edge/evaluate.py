@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from mpt_edge.batching import EncodedTask, encode_tasks, eos_id, sequential_batches
+from mpt_edge.errors import ConfigError, DataError
 from mpt_edge.scoring import Classifier
 from mpt_edge.stages import classifier_for
 
@@ -85,7 +86,7 @@ def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 
     by_name = {t.spec.name: t for t in dev_tasks}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"no dev split given for task(s) {missing}; early stopping scores every trained task")
+        raise DataError(f"no dev split given for task(s) {missing}; early stopping scores every trained task")
     ordered = [by_name[n] for n in names]
     encoded = encode_tasks(ordered, backbone.tokenizer, max_length, eos_id(backbone.model))
     classifier = classifier_for(backbone, [t.spec for t in ordered], plan.heads, plan.meta.get("pooling") or "mean")
@@ -115,8 +116,8 @@ def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: i
 def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Causal and seq2seq backbones without any prompt: verbalizer scoring of the template alone."""
     if backbone.family == "encoder":
-        raise ValueError("zero-shot needs a causal or seq2seq backbone (verbalizer scoring); encoder heads must be trained: "
-                         "use `mpt-edge train target --method head`")
+        raise ConfigError("zero-shot needs a causal or seq2seq backbone (verbalizer scoring); encoder heads must be trained: "
+                          "use `mpt-edge train target --method head`")
     classifier = classifier_for(backbone, [t.spec for t in tasks], None)
     return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model)),
                     batch_size)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from mpt_edge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -22,9 +24,9 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.weight < 0:
-            raise ValueError(f"distillation weight λ must be >= 0, got {self.weight}")
+            raise ConfigError(f"distillation weight λ must be >= 0, got {self.weight}")
         if self.temperature <= 0:
-            raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-class PackageFetchError(RuntimeError):
-    """A registry package could not be downloaded."""
+from mpt_edge.errors import PackageFetchError  # noqa: F401  (defined with the other project errors)
 
 
 def cache_dir() -> Path:

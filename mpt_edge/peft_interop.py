@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mpt_edge.checkpoint import save_checkpoint
+from mpt_edge.errors import PeftInteropError  # noqa: F401  (defined with the other project errors)
 from mpt_edge.tasks import TaskSpec
 from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
@@ -30,10 +31,6 @@ PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
 TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}  # our family → PEFT task_type
 CONFIG_FILE, WEIGHTS_FILE, TASKS_FILE = "adapter_config.json", "adapter_model.safetensors", "mpt_edge_tasks.json"
 KEYS = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
-
-
-class PeftInteropError(ValueError):
-    """A PEFT adapter folder that cannot be read as, or a checkpoint that cannot be written as, PEFT MPT."""
 
 
 @dataclass(frozen=True)

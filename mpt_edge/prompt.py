@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mpt_edge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class PromptConfig:
@@ -22,9 +24,9 @@ class PromptConfig:
 
     def __post_init__(self):
         if not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"prompt length must be an integer >= 1, got {self.length!r}")
+            raise ConfigError(f"prompt length must be an integer >= 1, got {self.length!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"prompt rank must be an integer >= 1, got {self.rank!r}")
+            raise ConfigError(f"prompt rank must be an integer >= 1, got {self.rank!r}")
 
 
 class MultitaskPrompt(nn.Module):
@@ -41,7 +43,7 @@ class MultitaskPrompt(nn.Module):
                 f"expected u (T, {length}, r) and v (T, r, {dim})"
             )
         if len(task_groups) != tasks or any(not 0 <= g < groups for g in task_groups):
-            raise ValueError(f"task_groups must give each of the {tasks} tasks a group in [0, {groups}), got {list(task_groups)}")
+            raise ConfigError(f"task_groups must give each of the {tasks} tasks a group in [0, {groups}), got {list(task_groups)}")
         self.shared = nn.ParameterList(nn.Parameter(p.detach().clone().float()) for p in shared)
         self.u = nn.ParameterList(nn.Parameter(p.detach().clone().float()) for p in u)
         self.v = nn.ParameterList(nn.Parameter(p.detach().clone().float()) for p in v)

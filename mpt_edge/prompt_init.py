@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mpt_edge.errors import ConfigError
+
 PROMPT_INITS = ("vocab", "random", "text")
 
 
@@ -33,7 +35,7 @@ def random_prompt(length: int, dim: int, generator: torch.Generator, scale: floa
 def text_prompt(embeddings: torch.Tensor, token_ids: Sequence[int], length: int) -> torch.Tensor:
     """Embeddings of `token_ids`, repeated cyclically to `length` rows: (l, d)."""
     if not token_ids:
-        raise ValueError("text init needs a non-empty init text; pass e.g. --init-text 'Classify the sentiment'")
+        raise ConfigError("text init needs a non-empty init text; pass e.g. --init-text 'Classify the sentiment'")
     index = torch.tensor([token_ids[i % len(token_ids)] for i in range(length)])
     return embeddings[index].detach().clone().float()
 
@@ -77,4 +79,4 @@ def init_prompt(strategy: str, embeddings: torch.Tensor, length: int, generator:
         return random_prompt(length, embeddings.shape[1], generator, float(embeddings.float().std()))
     if strategy == "text":
         return text_prompt(embeddings, text_ids, length)
-    raise ValueError(f"prompt init {strategy!r} is not supported; allowed: {', '.join(PROMPT_INITS)}")
+    raise ConfigError(f"prompt init {strategy!r} is not supported; allowed: {', '.join(PROMPT_INITS)}")

@@ -25,6 +25,7 @@ from mpt_edge.batching import encode_tasks
 from mpt_edge.bundle_source import bundle_source
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
+from mpt_edge.errors import ConfigError
 from mpt_edge.evaluate import evaluate_engine, evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source, shipped_names
@@ -53,7 +54,7 @@ class QuickstartConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.test_limit < 1 or self.k_per_class < 1:
-            raise ValueError("quickstart steps, test_limit and k_per_class must be >= 1")
+            raise ConfigError("quickstart steps, test_limit and k_per_class must be >= 1")
 
 
 def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callable[[str], None] = print) -> dict:

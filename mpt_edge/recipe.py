@@ -24,13 +24,10 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from mpt_edge.errors import RecipeError  # noqa: F401  (defined with the other project errors)
 from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig
-
-
-class RecipeError(ValueError):
-    """A recipe file that cannot be read or does not describe a valid source run."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from mpt_edge.batching import EncodedTask
+from mpt_edge.errors import ConfigError
 from mpt_edge.heads import TaskHeads
 from mpt_edge.prompt_init import factors_from_source, identity_factors, init_prompt
 from mpt_edge.losses import DistillConfig, Totals, batch_task_loss, distillation_loss
@@ -82,7 +83,7 @@ def source(backbone, encoded: Sequence[EncodedTask], teachers: Trained, config: 
            pooling: str = "mean") -> Plan:
     """Stage 2: shared P* + per-task rank-r factors, task loss + λ (KL + hidden MSE) against the teachers."""
     if shared_init not in SHARED_INITS:
-        raise ValueError(f"shared init {shared_init!r} is not supported; allowed: {', '.join(SHARED_INITS)}")
+        raise ConfigError(f"shared init {shared_init!r} is not supported; allowed: {', '.join(SHARED_INITS)}")
     generator = torch.Generator().manual_seed(config.seed)
     specs = [e.spec for e in encoded]
     order = [teachers.index_of(s.name) for s in specs]
@@ -116,7 +117,7 @@ def target(backbone, encoded: Sequence[EncodedTask], source_run: Trained, config
     train; group: the tasks share one trained P*, each with its own factors.
     """
     if mode not in TARGET_MODES:
-        raise ValueError(f"target mode {mode!r} is not supported; allowed: {', '.join(TARGET_MODES)}")
+        raise ConfigError(f"target mode {mode!r} is not supported; allowed: {', '.join(TARGET_MODES)}")
     if source_run.prompt is None:
         raise TaskError("the source checkpoint holds no prompt; pass the output folder of `mpt-edge train source`")
     generator = torch.Generator().manual_seed(config.seed)

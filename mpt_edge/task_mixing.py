@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpt_edge.errors import ConfigError, DataError
+
 
 def mixing_rates(sizes: Sequence[int], cap: int) -> np.ndarray:
     """Examples-proportional mixing with a cap: rate_k ∝ min(n_k, cap). (T,) summing to 1."""
     if cap < 1:
-        raise ValueError(f"mixing cap must be >= 1, got {cap}")
+        raise ConfigError(f"mixing cap must be >= 1, got {cap}")
     capped = np.minimum(np.asarray(sizes, dtype=np.float64), cap)
     if capped.sum() <= 0:
-        raise ValueError("every task is empty; nothing to sample")
+        raise DataError("every task is empty; nothing to sample")
     return capped / capped.sum()
 
 
@@ -34,9 +36,9 @@ class MixtureSampler:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_tasks < 1:
-            raise ValueError(f"max_tasks (κ) must be >= 1, got {self.max_tasks}")
+            raise ConfigError(f"max_tasks (κ) must be >= 1, got {self.max_tasks}")
         object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
 
     @property

@@ -14,25 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mpt_edge.atomic import write_text_atomic
+from mpt_edge.errors import TaskError, UnknownTaskError  # noqa: F401  (defined with the other project errors)
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 TASK_KINDS = ("classify", "generate")
 VERBALIZER_TOKENS = ("first", "all")
-
-
-class TaskError(ValueError):
-    """A task spec or a data file is invalid."""
-
-
-class UnknownTaskError(KeyError):
-    """A task name that is not among the known tasks."""
-
-    def __init__(self, name: str, known):
-        self.name, self.known = name, sorted(known)
-        super().__init__(f"unknown task {name!r}; known tasks: {', '.join(self.known) or '(none)'}")
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return self.args[0]
 
 
 @dataclass(frozen=True)

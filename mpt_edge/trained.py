@@ -28,7 +28,7 @@ class Trained:
 
     def index_of(self, name: str) -> int:
         if name not in self.task_names:
-            raise UnknownTaskError(name, self.task_names)
+            raise UnknownTaskError(name, self.task_names, listing="known tasks")
         return self.task_names.index(name)
 
     def check_backbone(self, backbone, source: Path) -> None:

@@ -20,6 +20,7 @@ from mpt_edge.batching import Batch, EncodedTask, collate
 from mpt_edge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, make_folder, optimizer_state,
                                  restore_optimizer, save_checkpoint)
 from mpt_edge import distributed
+from mpt_edge.errors import ConfigError
 from mpt_edge.heads import TaskHeads
 from mpt_edge.losses import Totals
 from mpt_edge.prompt import MultitaskPrompt
@@ -47,17 +48,17 @@ class TrainConfig:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every", "max_tasks", "mixing_cap"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"train option {name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"train option {name} must be an integer >= 1, got {value!r}")
         for name in ("lr_prompt", "lr_factors", "lr_head"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"train option {name} must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(f"train option eval_every must be an integer >= 0 (0 = no dev evaluation), got {self.eval_every!r}")
+            raise ConfigError(f"train option eval_every must be an integer >= 0 (0 = no dev evaluation), got {self.eval_every!r}")
         for name in ("patience", "warmup"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"train option {name} must be an integer >= 0 (0 = off), got {getattr(self, name)!r}")
+                raise ConfigError(f"train option {name} must be an integer >= 0 (0 = off), got {getattr(self, name)!r}")
         if self.patience and not self.eval_every:
-            raise ValueError("train option patience needs eval_every > 0: early stopping counts dev evaluations")
+            raise ConfigError("train option patience needs eval_every > 0: early stopping counts dev evaluations")
 
     def warmup_factor(self, step: int) -> float:
         """Multiplier of every learning rate at 0-based `step`: (step + 1) / warmup during warmup, then 1."""
@@ -94,7 +95,7 @@ class Plan:
             groups.append({"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": config.lr_head})
         groups = [g for g in groups if g["params"]]
         if not groups:
-            raise ValueError(f"stage {self.stage!r} has nothing to train")
+            raise ConfigError(f"stage {self.stage!r} has nothing to train")
         return groups
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -136,8 +137,8 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     out = make_folder(out)   # probes that it takes a file, before any training (resumed runs too)
     ranks = distributed.current()
     if config.batch_size < ranks.world:
-        raise ValueError(f"batch size {config.batch_size} is smaller than the {ranks.world} ranks; every rank needs "
-                         "rows: raise --batch-size (it is the global batch) or start fewer processes")
+        raise ConfigError(f"batch size {config.batch_size} is smaller than the {ranks.world} ranks; every rank needs "
+                          "rows: raise --batch-size (it is the global batch) or start fewer processes")
     if selecting := validate is not None and config.eval_every > 0:
         validate = _on_main(validate, ranks)
     optimizer = torch.optim.Adafactor(plan.param_groups(config))

@@ -191,3 +191,97 @@ def test_generate_task_trains_exports_and_streams_from_the_command_line(workspac
     assert result.exit_code == 1 and "max_new_tokens must be an integer >= 1" in result.output
     result = invoke("inspect", tmp_path / "bundle")
     assert result.exit_code == 0 and "generate" in result.stdout and "generation graph with KV cache" in result.stdout
+
+
+def test_backbone_defaults_to_the_checkpoints_and_another_one_is_refused(workspace, tmp_path, monkeypatch):
+    """Commands that read a checkpoint load the backbone it records when --backbone is not given."""
+    import dataclasses
+
+    from mpt_edge import backbones
+
+    ws = workspace
+    result = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt", *common(ws), *FAST)
+    assert result.exit_code == 0, result.output
+    # A local folder is recorded by name only: without --backbone the command says what to pass.
+    result = invoke("eval", tmp_path / "pt", "--data", ws / "data", "--max-length", "32")
+    assert result.exit_code == 1 and "trained on backbone 'tiny-llama'" in result.output, result.output
+    assert "pass --backbone FOLDER" in result.output and "Traceback" not in result.output
+
+    # As a named backbone (like smollm2-135m) the recorded name is enough.
+    named = dict(backbones.NAMED_BACKBONES)
+    named["tiny-llama"] = dataclasses.replace(named["minilm-l6"], name="tiny-llama")
+    monkeypatch.setattr(backbones, "NAMED_BACKBONES", named)
+    monkeypatch.setattr(backbones, "_cached_folder", lambda spec, cache: ws / "tiny-llama")
+    result = invoke("eval", tmp_path / "pt", "--data", ws / "data", "--max-length", "32", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["mood"]["n"] == 24
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "bundle")
+    assert result.exit_code == 0 and "1 task(s)" in result.output, result.output
+    result = invoke("train", "target", "--method", "spot", "--source", tmp_path / "pt", "--spot-task", "mood",
+                    "--tasks", "polarity", "--out", tmp_path / "spot", "--data", ws / "data", *FAST)
+    assert result.exit_code == 0, result.output
+
+    # An explicit --backbone that does not fit the checkpoint is still an error.
+    narrow = tmp_path / "narrow-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(narrow)
+    make_tokenizer(bert=False).save(str(narrow / "tokenizer.json"))
+    for args in (["export", tmp_path / "pt", "--out", tmp_path / "b2"],
+                 ["train", "target", "--method", "spot", "--source", tmp_path / "pt", "--spot-task", "mood",
+                  "--tasks", "polarity", "--out", tmp_path / "spot2", "--data", ws / "data", *FAST]):
+        result = invoke(*args, "--backbone", narrow)
+        assert result.exit_code == 1 and "hidden size 16" in result.output and "pass --backbone tiny-llama" in result.output
+        assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "spot2").exists()
+
+
+@pytest.mark.parametrize("raised, one_line", [
+    ("ValueError('a bug, not bad input')", False),               # not a project error: the traceback stays
+    ("KeyError('internal')", False),
+    ("ConfigError('bad option --x; allowed: a, b')", True),      # project errors: one line, exit code 1
+    ("mer.InputError('bad request')", True),
+])
+def test_only_project_errors_are_one_line(tmp_path, raised, one_line):
+    """The CLI shows a project error (MptEdgeError, the runtime's MptEdgeRuntimeError) as one `error:` line and
+    any other exception with its traceback (a bug must not look like bad input)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mpt_edge_runtime as mer, mpt_edge_runtime.bundle as bundle\n"
+            "from mpt_edge.errors import ConfigError\n"
+            f"def read_manifest(folder): raise {raised}\n"
+            "bundle.read_manifest = read_manifest\n"
+            "from mpt_edge.cli import app\n"
+            "app(['inspect', sys.argv[1]])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    if one_line:
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    else:
+        assert "Traceback (most recent call last)" in proc.stderr and "error: " not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(raised.split("(")[0] + ": "), proc.stderr
+
+
+def test_project_errors_share_one_base():
+    """Every user-facing error type is an MptEdgeError (or the runtime's MptEdgeRuntimeError); UnknownTaskError is
+    one class on both sides; the old ValueError / RuntimeError bases are kept for callers that catch those."""
+    import mpt_edge_runtime as mer
+    from mpt_edge import errors
+    from mpt_edge.atomic import OutputError
+    from mpt_edge.checkpoint import CheckpointError
+    from mpt_edge.data.fetch import DataSourceError
+    from mpt_edge.recipe import RecipeError
+    from mpt_edge.tasks import TaskError, UnknownTaskError
+    from mpt_edge_export.bundle_writer import ExportError
+    from mpt_edge_export.families import UnsupportedBackboneError
+    from mpt_edge_runtime.text import TextError
+
+    assert UnknownTaskError is mer.UnknownTaskError is errors.UnknownTaskError
+    for cls in (OutputError, CheckpointError, DataSourceError, RecipeError, TaskError, ExportError,
+                UnsupportedBackboneError, errors.ConfigError):
+        assert issubclass(cls, errors.MptEdgeError) and issubclass(cls, ValueError), cls
+    for cls in (errors.BackboneError, errors.PackageFetchError, errors.StoreError):
+        assert issubclass(cls, errors.MptEdgeError) and issubclass(cls, RuntimeError), cls
+    assert issubclass(TextError, mer.MptEdgeRuntimeError) and issubclass(TextError, ValueError)
+    assert errors.USER_ERRORS == (errors.MptEdgeError, mer.MptEdgeRuntimeError)
+    assert str(UnknownTaskError("x", ["b", "a"], listing="known tasks")) == "unknown task 'x'; known tasks: a, b"

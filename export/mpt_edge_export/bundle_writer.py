@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save as save_tensors
 
+from mpt_edge.errors import ExportError  # noqa: F401  (defined with the other project errors)
 from mpt_edge_export import transform
 from mpt_edge_export.decoder import decoder_parity_report, export_decoder
 from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
@@ -22,10 +23,6 @@ from mpt_edge_export.parity import check_parity, parity_report
 from mpt_edge_export.seq2seq_graphs import export_seq2seq, seq2seq_parity_report
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256
-
-
-class ExportError(ValueError):
-    """An export that cannot proceed (existing output, bad options, inconsistent tasks)."""
 
 
 @dataclass(frozen=True)

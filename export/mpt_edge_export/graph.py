@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpt_edge.errors import ExportError
 from mpt_edge_runtime import format as fmt
 
 DEFAULT_OPSET = 17
@@ -46,7 +47,7 @@ def export_graph(wrapper: PromptedFeatures, path: Path, prompt_length: int, hidd
                  opset: int = DEFAULT_OPSET) -> None:
     """Trace `wrapper` with the TorchScript exporter (dynamic batch, sequence and prompt length) into `path`."""
     if opset < 17:
-        raise ValueError(f"opset {opset} is too old; use 17 or newer")
+        raise ExportError(f"opset {opset} is too old; use 17 or newer")
     example = sample_inputs(2, 8, prompt_length, hidden, vocab, torch.Generator().manual_seed(0))
     dynamic = {**fmt.GRAPH_INPUTS, **fmt.GRAPH_OUTPUTS}
     with warnings.catch_warnings(), torch.no_grad():

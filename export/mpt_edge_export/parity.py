@@ -8,16 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from mpt_edge.errors import ParityError  # noqa: F401  (defined with the other project errors)
 from mpt_edge_export.graph import PromptedFeatures, sample_inputs
 from mpt_edge_runtime import format as fmt
-
-
-class ParityError(ValueError):
-    """The graph's outputs differ from PyTorch's by more than the tolerance; `report` has the numbers."""
-
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 def parity_cases(max_length: int) -> list[tuple[int, int]]:

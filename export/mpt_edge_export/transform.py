@@ -11,6 +11,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from mpt_edge.errors import ExportError
+
 # name → (per-channel weights, regex of MatMul node names kept in fp32)
 INT8_RECIPES = {
     "int8": (False, None),                           # every MatMul, per-tensor: fastest, least accurate
@@ -35,7 +37,7 @@ def quantize_int8(src: Path, dst: Path, recipe: str = "int8") -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if recipe not in INT8_RECIPES:
-        raise ValueError(f"quantization recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
+        raise ExportError(f"quantization recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
     per_channel, keep = INT8_RECIPES[recipe]
     nodes = onnx.load(str(src), load_external_data=False).graph.node
     # onnxruntime quantizes a weight Gemm (GPT-2's Conv1D) as the MatMul it rewrites it into, `<name>_MatMul`

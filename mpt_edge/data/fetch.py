@@ -24,6 +24,7 @@ from types import MappingProxyType
 import mpt_edge
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.data.splits import label_counts, make_splits, normalize_text
+from mpt_edge.errors import DataSourceError  # noqa: F401  (defined with the other project errors)
 from mpt_edge.packages import cache_dir, fetch_members, fetch_package
 from mpt_edge.tasks import TaskSpec, UnknownTaskError, write_task
 from mpt_edge_runtime.bundle import file_sha256
@@ -31,10 +32,6 @@ from mpt_edge_runtime.bundle import file_sha256
 MANIFEST_FORMAT = 1
 MAX_CHARS = 2000  # longer texts are cut: keeps files small and prompts within a small backbone's context
 SPLITS = ("train", "dev", "test")
-
-
-class DataSourceError(ValueError):
-    """A package archive or a file inside it does not hold what its `SourceSpec` expects."""
 
 
 @dataclass(frozen=True)
@@ -364,7 +361,7 @@ def fetch_tasks(out_dir: Path | None = None, names: list[str] | None = None, *, 
     names = sorted(sources) if names is None else list(names)
     unknown = [n for n in names if n not in sources]
     if unknown:
-        raise UnknownTaskError(unknown[0], sources)
+        raise UnknownTaskError(unknown[0], sources, listing="known tasks")
     out_dir = Path(out_dir) if out_dir is not None else default_data_dir(cache)
     say = progress or (lambda message: None)
     summary = {}

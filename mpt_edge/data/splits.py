@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from mpt_edge.errors import ConfigError
+
 _SPACE = re.compile(r"\s+")
 
 
@@ -131,7 +133,7 @@ def cap_stratified(rows: list[dict], limit: int | None) -> list[dict]:
     if limit is None or len(rows) <= limit:
         return list(rows)
     if limit < 0:
-        raise ValueError(f"a split cap must be >= 0 or None, got {limit}")
+        raise ConfigError(f"a split cap must be >= 0 or None, got {limit}")
     counts = Counter(row["label"] for row in rows)
     labels = sorted(counts)
     base = 1 if limit >= len(labels) else 0

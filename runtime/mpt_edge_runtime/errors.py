@@ -10,11 +10,12 @@ class BundleError(MptEdgeRuntimeError, ValueError):
 
 
 class UnknownTaskError(MptEdgeRuntimeError, KeyError):
-    """A task name the engine does not serve."""
+    """A task name that is not among the known tasks: the engine's, or (training side, `mpt_edge`) a checkpoint's
+    or the built-in data sources'. `listing` introduces the known names in the message."""
 
-    def __init__(self, name, known):
+    def __init__(self, name, known, listing: str = "this engine serves"):
         self.name, self.known = name, sorted(known)
-        super().__init__(f"unknown task {name!r}; this engine serves: {', '.join(self.known) or '(no tasks)'}")
+        super().__init__(f"unknown task {name!r}; {listing}: {', '.join(self.known) or '(no tasks)'}")
 
     def __str__(self) -> str:
         return self.args[0]

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from mpt_edge_runtime.errors import MptEdgeRuntimeError
 
-class TextError(ValueError):
+
+class TextError(MptEdgeRuntimeError, ValueError):
     """An example that cannot be turned into tokens (missing field, no room for the text)."""
 
 

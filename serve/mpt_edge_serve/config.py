@@ -7,12 +7,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpt_edge.errors import ConfigError  # noqa: F401  (defined with the other project errors)
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")   # bundle and task names: safe as file and URL parts
 MIN_TOKEN_CHARS = 16
-
-
-class ConfigError(ValueError):
-    """A serve option that cannot work; the message names the option and the fix."""
 
 
 def check_name(name: object, what: str) -> str:

@@ -22,13 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpt_edge.errors import StoreError  # noqa: F401  (defined with the other project errors)
+
 STATE = "state.json"
 LOCK = ".lock"
 KEEP_REPLACED_S = 60.0
-
-
-class StoreError(RuntimeError):
-    """The task store cannot be read or written; the message names the path and the fix."""
 
 
 @dataclass(frozen=True)

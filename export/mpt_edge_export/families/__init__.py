@@ -5,13 +5,11 @@ This is the one place that knows it; the training core and the exporter both cal
 
 from __future__ import annotations
 
+from mpt_edge.errors import UnsupportedBackboneError
+
 CAUSAL_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "smollm3"})
 ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "mpnet", "xlm-roberta", "distilbert", "electra"})
 SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5"})
-
-
-class UnsupportedBackboneError(ValueError):
-    """A backbone whose architecture no family adapter handles."""
 
 
 def family_for_model_type(model_type: str) -> str:

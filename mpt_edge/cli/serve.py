@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from mpt_edge.cli import Config, _cli_errors, app
+from mpt_edge.cli.common import cli_errors
+from mpt_edge.cli.options import Config, Device
+
+serve_app = typer.Typer()
 
 TOKEN_ENV = "MPT_EDGE_ADMIN_TOKEN"
 
@@ -32,8 +35,8 @@ def _require_serve() -> None:
         raise typer.BadParameter(f"mpt-edge serve needs Ray Serve ({err}); install it with: pip install -e \".[serve]\"")
 
 
-@app.command("serve")
-@_cli_errors
+@serve_app.command("serve")
+@cli_errors
 def serve_command(
     bundles: Annotated[list[str], typer.Argument(help="Bundle folders, as PATH or NAME=PATH (NAME: what requests "
                                                      "give as \"bundle\"; default the folder's name).")],
@@ -55,7 +58,7 @@ def serve_command(
     replica_cpus: Annotated[float, typer.Option(help="Ray CPUs reserved per worker replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="Ray GPUs reserved per worker replica (with --device cuda).")] = 0.0,
     gateway_replicas: Annotated[int, typer.Option(help="HTTP gateway replicas.")] = 1,
-    device: Annotated[str, typer.Option(help="cpu, cuda (an error if it cannot be had) or auto.")] = "cpu",
+    device: Device = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per worker replica (default: onnxruntime's).")] = None,
     batching: Annotated[bool, typer.Option(help="Merge concurrent requests of any tasks of a bundle into one runtime call.")] = True,
     max_batch_size: Annotated[int, typer.Option(help="Texts per merged runtime call.")] = 32,
@@ -82,7 +85,8 @@ def serve_command(
     """
     _require_serve()
     from mpt_edge_serve.app import check_bundles, serve_until_stopped
-    from mpt_edge_serve.config import ConfigError, ServeConfig
+    from mpt_edge.errors import ConfigError
+    from mpt_edge_serve.config import ServeConfig
 
     if address is not None and task_store is None:
         raise ConfigError("with --address give --task-store: a folder every node of the cluster mounts, so that "
@@ -103,8 +107,8 @@ def serve_command(
                         log=lambda msg: typer.echo(msg, err=True))
 
 
-@app.command("serve-stop")
-@_cli_errors
+@serve_app.command("serve-stop")
+@cli_errors
 def serve_stop_command(
     address: Annotated[str, typer.Option(help="The Ray cluster the application runs on.")],
     app_name: Annotated[str, typer.Option(help="Ray Serve application name.")] = "mpt-edge",

@@ -1,6 +1,6 @@
 """`mpt-edge export`, `run` and `inspect`: from a checkpoint to a bundle, and serving it.
 
-`run` and `inspect` use only the torch-free runtime.
+`run` and `inspect` use only the torch-free runtime (this module imports no torch).
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ from typing import Annotated, Optional
 import typer
 
 from mpt_edge.atomic import check_writable
-from mpt_edge.cli import Backbone, Config, DataDir, _cli_errors, _data_dir, app
+from mpt_edge.cli.common import checkpoint_backbone, cli_errors, data_dir
+from mpt_edge.cli.options import CheckpointBackbone, Config, DataDir, Device
 
-Device = Annotated[str, typer.Option(help="cpu, cuda (an error if it cannot be had) or auto.")]
+bundle_app = typer.Typer()
 
 
-@app.command("export")
-@_cli_errors
+@bundle_app.command("export")
+@cli_errors
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder of `mpt-edge train`.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
-    config: Config = None, backbone: Backbone = "smollm2-135m",
+    config: Config = None, backbone: CheckpointBackbone = None,
     optimize: Annotated[bool, typer.Option(help="onnxruntime graph optimizations, saved in the graph.")] = False,
     quantize: Annotated[Optional[str], typer.Option(help="Dynamic int8 for CPU: int8, int8-per-channel, int8-mixed.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
@@ -42,17 +43,18 @@ def export_command(
     from mpt_edge.bundle_source import bundle_source
     from mpt_edge.trained import load_trained
     from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
+    from mpt_edge_runtime import format as fmt
 
     trained = load_trained(checkpoint)
     options = ExportOptions(optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
                             max_length=trained.meta["train"]["max_length"], kv_cache=kv_cache)
-    bb = load_backbone(backbone)
+    bb = load_backbone(checkpoint_backbone(trained, checkpoint, backbone))
     trained.check_backbone(bb, checkpoint)
     manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
     parity = manifest["parity"]
     graph = manifest["graph"]
-    kind = {"decoder": "generation graph with KV cache", "seq2seq": "encoder + step-0 graph (with the KV-cache step "
-            "graph decoder.onnx)"}.get(graph.get("kind"), "features graph")
+    kind = {fmt.DECODER_KIND: "generation graph with KV cache", fmt.SEQ2SEQ_KIND: "encoder + step-0 graph (with the "
+            "KV-cache step graph decoder.onnx)"}.get(graph.get("kind"), "features graph")   # graph kinds, not families
     typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), {kind} {graph['file']} "
                f"{manifest['files'][graph['file']][:12]}…, fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e} "
                f"over {len(parity['fp32']['cases'])} shapes")
@@ -60,7 +62,7 @@ def export_command(
         typer.echo(f"int8 ({quantize}) vs PyTorch: max abs diff {parity['int8']['max_abs_diff']:.3g}"
                    + (f", features min cosine {parity['int8']['min_cosine']:.4f}" if "min_cosine" in parity["int8"] else ""))
         if eval_limit > 0:
-            _compare_quantized(bb, trained, out, manifest, _data_dir(data), eval_limit)
+            _compare_quantized(bb, trained, out, manifest, data_dir(data), eval_limit)
 
 
 def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Path, limit: int) -> None:
@@ -91,8 +93,8 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
     write_text_atomic(bundle / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
-@app.command("run")
-@_cli_errors
+@bundle_app.command("run")
+@cli_errors
 def run_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts for --task.")] = None,
@@ -150,7 +152,10 @@ def run_command(
 def _read_jsonl(source: str, default_task: str) -> list[tuple[str, str]]:
     import mpt_edge_runtime as mer
 
-    lines = sys.stdin.read().splitlines() if source == "-" else Path(source).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = sys.stdin.read().splitlines() if source == "-" else Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise mer.InputError(f"cannot read --jsonl {source}: {err}") from None
     requests = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -170,8 +175,8 @@ def _read_jsonl(source: str, default_task: str) -> list[tuple[str, str]]:
     return requests
 
 
-@app.command("inspect")
-@_cli_errors
+@bundle_app.command("inspect")
+@cli_errors
 def inspect_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
