@@ -29,7 +29,7 @@ from mpt_edge.backbones import load_backbone
 from mpt_edge.prompt_init import init_prompt
 from mpt_edge_export.decoder import export_decoder
 from mpt_edge_runtime.generation import DecoderSession, decode, prefill_inputs, prompt_cache
-from mpt_edge_runtime.sampling import SamplingConfig
+from mpt_edge_runtime.sampling import SamplingParams
 from mpt_edge_runtime.session import GraphSession
 
 HERE = Path(__file__).parent
@@ -62,7 +62,7 @@ def median_ms(times: list[float]) -> float:
 
 def runtime_generate(decoder, rows, new_tokens: int) -> tuple[float, float, list[list[int]]]:
     """(prefill seconds, decode seconds, tokens per row) for one greedy generation from cached prompt KV."""
-    config = SamplingConfig(max_new_tokens=new_tokens)
+    config = SamplingParams(max_new_tokens=new_tokens)
     tick = time.perf_counter()
     steps = decode(decoder, rows, config, eos_ids=())
     first = next(steps)

@@ -188,7 +188,7 @@ def _features(engine, prompt: np.ndarray, encoded: list[list[int]], batch: int =
         mask = np.zeros_like(ids)
         for b, row in enumerate(rows):
             ids[b, :len(row)], mask[b, :len(row)] = row, 1
-        out.append(engine.session.features(ids, mask, np.repeat(prompt[None], len(rows), axis=0)))
+        out.append(engine.model.runner.graph.features(ids, mask, np.repeat(prompt[None], len(rows), axis=0)))
     return np.concatenate(out)
 
 

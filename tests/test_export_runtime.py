@@ -142,7 +142,7 @@ def test_fp16_bundle_loads_and_agrees_with_fp32(llama, tmp_path):
     manifest = write_bundle(bundle_source(trained, llama), tmp_path / "b16", ExportOptions(dtype="fp16", max_length=24))
     assert manifest["graph"]["dtype"] == "fp16" and manifest["parity"]["fp16"]["min_cosine"] > 0.999
     engine = mer.load(tmp_path / "b16", device="cpu")
-    assert engine.session.float_type == np.float16
+    assert engine.model.float_type == np.float16
     expected = torch_probabilities(llama, trained, "polarity", texts_for("polarity"))
     got = [[p.probabilities[l] for l in ("negative", "positive")] for p in engine.classify("polarity", texts_for("polarity"))]
     np.testing.assert_allclose(np.array(got), expected, atol=2e-2)

@@ -13,9 +13,8 @@ from mpt_edge.bundle_source import backbone_facts
 from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
 from mpt_edge_export.decoder import export_decoder
 from mpt_edge_export.families import adapter_for
-from mpt_edge_runtime import InputError, load
+from mpt_edge_runtime import InputError, SamplingParams, load
 from mpt_edge_runtime.generation import DecoderSession, decode, prefill, prompt_cache
-from mpt_edge_runtime.sampling import SamplingConfig
 from mpt_edge_runtime.session import GraphSession
 
 PROMPT_LENGTH = 3
@@ -58,7 +57,7 @@ def torch_greedy(model, prompt: torch.Tensor, ids: list[int], steps: int) -> lis
 
 
 def runtime_greedy(decoder, rows, steps: int) -> list[list[int]]:
-    tokens = np.stack(list(decode(decoder, rows, SamplingConfig(max_new_tokens=steps))), axis=1)
+    tokens = np.stack(list(decode(decoder, rows, SamplingParams(max_new_tokens=steps))), axis=1)
     return tokens.tolist()
 
 
@@ -98,10 +97,10 @@ def test_cached_prompt_kv_gives_the_logits_of_prompt_plus_input_from_scratch(lm)
 def test_sampling_is_reproducible_and_top_k_one_is_greedy(lm):
     backbone, decoder, prompts = lm
     rows = [(prompt_cache(decoder, prompts[0].numpy()), ids_of(backbone, t)) for t in TEXTS]
-    sample = SamplingConfig(max_new_tokens=6, temperature=1.5, top_p=0.9, seed=3)
+    sample = SamplingParams(max_new_tokens=6, temperature=1.5, top_p=0.9, seed=3)
     first = np.stack(list(decode(decoder, rows, sample)))
     assert np.array_equal(first, np.stack(list(decode(decoder, rows, sample))))
-    top1 = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=1, seed=1)
+    top1 = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=1, seed=1)
     assert np.stack(list(decode(decoder, rows, top1)), axis=1).tolist() == runtime_greedy(decoder, rows, 6)
 
 
@@ -110,10 +109,12 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy(lm):
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
     ({"stop": [""]}, "stop"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"top_k": 1.5}, "top_k"),
 ])
 def test_bad_sampling_options_are_clear_errors(options, message):
     with pytest.raises(InputError, match=message):
-        SamplingConfig(**options)
+        SamplingParams(**options)
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +160,16 @@ def test_engine_generate_equals_pytorch_greedy_and_streams_the_same_text(bundle)
     backbone, out, _ = bundle
     engine = load(out, "cpu")
     texts = ["the film was good", "bad plot"]
-    got = engine.generate("echo", texts, max_new_tokens=5)
+    five = SamplingParams(max_new_tokens=5)
+    got = engine.generate("echo", texts, five)
     prompt = composed(backbone, out, "echo")
     for text, answer in zip(texts, got):
         ids = ids_of(backbone, f"{text} :")
         assert answer == backbone.tokenizer.decode(torch_greedy(backbone.model, prompt, ids, 5))
-    assert "".join(engine.stream("echo", texts[0], max_new_tokens=5)) == got[0]
-    mixed = engine.generate_batch([("echo", texts[0]), ("chat", texts[1]), ("echo", texts[1])], max_new_tokens=5)
-    assert mixed == [got[0], engine.generate("chat", [texts[1]], max_new_tokens=5)[0], got[1]]
+    assert "".join(engine.stream("echo", texts[0], five)) == got[0]
+    mixed = engine.generate_batch([("echo", texts[0]), ("chat", texts[1]), ("echo", texts[1])], five)
+    assert mixed == [got[0], engine.generate("chat", [texts[1]], five)[0], got[1]]
+    assert engine.generate("echo", texts, max_new_tokens=5) == got   # the options as keywords: the same call
 
 
 def test_engine_stop_strings_end_the_text_before_them(bundle):
@@ -183,7 +186,7 @@ def test_engine_stop_strings_end_the_text_before_them(bundle):
 def test_engine_classifies_from_the_cached_prompt_like_the_features_graph(bundle, tmp_path):
     backbone, out, _ = bundle
     engine = load(out, "cpu")
-    assert engine.decoder is not None and engine.task("mood").prefix
+    assert engine.model.generates and engine.task("mood").prefix
     texts = ["the film was good", "awful", "a very dull story"]
     predictions = engine.classify("mood", texts)
     prompt = composed(backbone, out, "mood")

@@ -4,6 +4,8 @@ in a padded batch that mixes tasks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -70,13 +72,13 @@ def test_generation_logits_equal_pytorch_at_every_step(family, sampling, request
     log-probabilities within 2e-4), and greedy decoding feeds back the argmax of exactly those logits."""
     backbone, out, _ = request.getfixturevalue(f"{family}_generation_bundle")
     engine = mer.load(out, "cpu")
-    engine.decoder = recorder = StepRecorder(engine.decoder)
+    engine.model = replace(engine.model, runner=(recorder := StepRecorder(engine.model.runner)))
     engine.generate_batch(REQUESTS, max_new_tokens=8, **sampling)
     logits = np.stack(recorder.logits, axis=1)                                   # (rows, steps, V)
     fed = np.stack(recorder.fed, axis=1) if recorder.fed else np.zeros((len(REQUESTS), 0), np.int64)
     assert logits.shape[:2] == (len(REQUESTS), 8)
     if not sampling:   # greedy feeds back each step's argmax; a row that produced an end-of-sequence token keeps it
-        eos = engine.manifest["graph"]["eos_token_ids"]
+        eos = list(engine.manifest.graph.eos_token_ids)
         expected_fed = logits[:, :-1].argmax(-1)
         for row in expected_fed:
             ended = np.flatnonzero(np.isin(row, eos))

@@ -160,7 +160,7 @@ def test_fp16_bundle_graph_is_float16_throughout(exported):
     float_io = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)
                 if v.name in (fmt.PROMPT_EMBEDS, fmt.FEATURES)}
     assert float_io == {fmt.PROMPT_EMBEDS: onnx.TensorProto.FLOAT16, fmt.FEATURES: onnx.TensorProto.FLOAT16}
-    assert manifest["graph"]["dtype"] == "fp16" and mer.load(folder, "cpu").session.float_type == np.float16
+    assert manifest["graph"]["dtype"] == "fp16" and mer.load(folder, "cpu").model.float_type == np.float16
 
 
 @pytest.fixture(scope="module")

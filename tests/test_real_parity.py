@@ -192,13 +192,13 @@ def test_smollm2_greedy_generation_equals_pytorch_token_for_token_and_by_logits(
     composed prompt (not the bundle's)."""
     backbone, trained, _, times = smollm2
     engine = mer.load(smollm2_kv_bundle, device="cpu")
-    engine.decoder = recorder = StepRecorder(engine.decoder)
+    engine.model = dataclasses.replace(engine.model, runner=(recorder := StepRecorder(engine.model.runner)))
     questions = real_texts(GENERATE, 3)
     start = time.perf_counter()
     answers = engine.generate(GENERATE, questions, max_new_tokens=NEW_TOKENS)
     runtime_s = time.perf_counter() - start
 
-    eos = engine.manifest["graph"]["eos_token_ids"]
+    eos = list(engine.manifest.graph.eos_token_ids)
     logits = np.stack(recorder.logits, axis=1)                                   # (rows, steps, V)
     steps = logits.shape[1]
     greedy = logits.argmax(-1)                                                   # the runtime's greedy choices

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mpt_edge_runtime.generation import decode
-from mpt_edge_runtime.sampling import SamplingConfig, filtered_probabilities, next_tokens
+from mpt_edge_runtime.sampling import SamplingParams, filtered_probabilities, next_tokens
 
 
 def reference_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
@@ -48,8 +48,8 @@ def assert_same_distribution(got: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
-def config(temperature=1.0, top_k=0, top_p=1.0, seed=None) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+def config(temperature=1.0, top_k=0, top_p=1.0, seed=None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 LOGITS = np.random.default_rng(0).normal(0, 2, (4, 50)).astype(np.float32)
@@ -148,11 +148,11 @@ class FixedLogits:
 def test_decode_samples_through_the_filters_with_its_seed():
     steps = FixedLogits(LOGITS)
     rows = [(None, [1])] * len(LOGITS)
-    sampled = SamplingConfig(max_new_tokens=40, temperature=1.2, top_k=4, seed=7)
+    sampled = SamplingParams(max_new_tokens=40, temperature=1.2, top_k=4, seed=7)
     tokens = np.stack(list(decode(steps, rows, sampled)), axis=1)
     assert np.array_equal(tokens, np.stack(list(decode(steps, rows, sampled)), axis=1))
     top4 = np.argsort(-LOGITS, axis=-1)[:, :4]
     assert all(set(row) <= set(allowed) for row, allowed in zip(tokens.tolist(), top4.tolist()))
     assert all(len(set(row)) > 1 for row in tokens.tolist())   # it samples: not one token over 40 draws
-    greedy = np.stack(list(decode(steps, rows, SamplingConfig(max_new_tokens=3, temperature=1.0, top_p=1e-9, seed=1))))
+    greedy = np.stack(list(decode(steps, rows, SamplingParams(max_new_tokens=3, temperature=1.0, top_p=1e-9, seed=1))))
     assert (greedy == LOGITS.argmax(-1)).all()

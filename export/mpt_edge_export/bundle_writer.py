@@ -23,6 +23,7 @@ from mpt_edge_export.parity import check_parity, parity_report
 from mpt_edge_export.seq2seq_graphs import export_seq2seq, seq2seq_parity_report
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256
+from mpt_edge_runtime.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
     (folder / fmt.PROMPTS).write_bytes(save_tensors(prompt_tensors(source)))
     (folder / fmt.TASKS).write_text(json.dumps({"tasks": [t.spec for t in source.tasks]}, indent=2) + "\n")
     files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
-    manifest = {
+    manifest = Manifest.from_json({   # checked as the runtime will read it
         "format_version": fmt.FORMAT_VERSION,
         "family": source.family,
         "backbone": source.backbone,
@@ -151,7 +152,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      **source.extra.get("versions", {})},
         **{k: v for k, v in source.extra.items() if k != "versions"},
-    }
+    }, where=str(folder / fmt.MANIFEST)).to_json()
     (folder / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

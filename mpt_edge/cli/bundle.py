@@ -127,7 +127,7 @@ def run_command(
             raise mer.InputError(f"--task is required with plain texts; tasks: {', '.join(engine.tasks)}")
         if engine.task(task).kind == "generate":
             for text in texts:
-                for piece in engine.stream(task, text, **sampling):
+                for piece in engine.stream(task, text, mer.SamplingParams(**sampling)):
                     typer.echo(piece, nl=False)
                     sys.stdout.flush()
                 typer.echo("")
@@ -143,7 +143,8 @@ def run_command(
         for i, p in zip(classifying, engine.run([requests[i] for i in classifying])):
             rows[i] = {"label": p.label, "score": p.score, "probabilities": p.probabilities}
     if generating:
-        for i, text in zip(generating, engine.generate_batch([requests[i] for i in generating], **sampling)):
+        for i, text in zip(generating, engine.generate_batch([requests[i] for i in generating],
+                                                             mer.SamplingParams(**sampling))):
             rows[i] = {"generation": text}
     for i, (name, text) in enumerate(requests):
         typer.echo(json.dumps({"task": name, "text": text, **rows[i]}, ensure_ascii=False))
@@ -192,21 +193,21 @@ def inspect_command(
 
     manifest = read_manifest(bundle)
     if as_json:
-        typer.echo(json.dumps(manifest, indent=2))
+        typer.echo(json.dumps(manifest.to_json(), indent=2))
         return
     tensors = load_tensors((bundle / fmt.PROMPTS).read_bytes())
     tasks = json.loads((bundle / fmt.TASKS).read_text())["tasks"]
-    b, g, p = manifest["backbone"], manifest["graph"], manifest["prompt"]
-    typer.echo(f"bundle {bundle} (format {manifest['format_version']}), family {manifest['family']}, backbone "
-               f"{b['name']} ({b['model_type']}, d={b['hidden_size']}, {b['num_layers']} layers)")
-    typer.echo(f"graph: opset {g['opset']}, {g['dtype']}" + (f", {g['quantize']['recipe']}" if g.get("quantize") else "")
-               + (", optimized" if g.get("optimize") else "") + f"; prompt l={p['length']}, {p['groups']} shared group(s)")
-    typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest["files"]))
-    if g.get("kind") == "decoder":
-        typer.echo(f"generation graph with KV cache: {g['file']}, eos ids {g['eos_token_ids']}")
-    elif g.get("kind") == "seq2seq":
-        typer.echo(f"seq2seq generation graphs: {g['file']} (encoder + decoder step 0, cross-attention KV), "
-                   f"{g['decoder_file']} (one decoder step with KV cache), eos ids {g['eos_token_ids']}")
+    b, g, p = manifest.backbone, manifest.graph, manifest.prompt
+    typer.echo(f"bundle {bundle} (format {manifest.format_version}), family {manifest.family}, backbone "
+               f"{b.name} ({b.model_type}, d={b.hidden_size}, {b.num_layers} layers)")
+    typer.echo(f"graph: opset {g.opset}, {g.dtype}" + (f", {g.quantize['recipe']}" if g.quantize else "")
+               + (", optimized" if g.optimize else "") + f"; prompt l={p.length}, {p.groups} shared group(s)")
+    typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest.files))
+    if g.kind == fmt.DECODER_KIND:
+        typer.echo(f"generation graph with KV cache: {g.file}, eos ids {list(g.eos_token_ids or ())}")
+    elif g.kind == fmt.SEQ2SEQ_KIND:
+        typer.echo(f"seq2seq generation graphs: {g.file} (encoder + decoder step 0, cross-attention KV), "
+                   f"{g.decoder_file} (one decoder step with KV cache), eos ids {list(g.eos_token_ids or ())}")
     typer.echo(f"{'task':<22} {'kind':>8} {'labels':>6} {'rank':>4} {'group':>5} {'factors+head bytes':>19}")
     for spec in tasks:
         parts = task_tensors(tensors, spec["name"])
@@ -215,7 +216,7 @@ def inspect_command(
     if fmt.VERBALIZER_IDS in tensors:
         typer.echo(f"verbalizer table: {len(tensors[fmt.VERBALIZER_IDS])} token rows shared by the tasks, "
                    f"{sum(tensors[k].nbytes for k in (fmt.VERBALIZER_IDS, fmt.VERBALIZER_WEIGHT, fmt.VERBALIZER_BIAS))} bytes")
-    for name, report in manifest["parity"].items():
+    for name, report in manifest.parity.items():
         cosine = f", min cosine {report['min_cosine']:.5f}" if "min_cosine" in report else ""
         typer.echo(f"parity {name}: max abs diff {report['max_abs_diff']:.2e}{cosine} over {len(report['cases'])} shapes")
-    typer.echo("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    typer.echo("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))

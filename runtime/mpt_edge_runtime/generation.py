@@ -4,9 +4,9 @@
     for tokens in decode(steps, [(prefix, ids), ...], config, eos_ids):   # one (B,) array per step
         ...
 
-Both sessions offer the same four calls, so decoding and label scoring are written once:
-`prefix(prompt)`, `start(rows) → (logits, features, state)`, `advance(state, tokens) → (logits, state)` and
-`select(state, index) → state` (rows picked or repeated).
+Both sessions offer the same calls, so decoding and label scoring are written once:
+`prefix(prompt)`, `start(rows) → (logits, features, state)`, `advance(state, tokens) → (logits, state)`,
+`select(state, index) → state` (rows picked or repeated), and `features(rows) → (B, d)` (classification).
 
 Causal rows are left-padded behind the prompt KV: [prompt KV | pad | tokens], with positions that skip the
 padding, so a row's tokens see exactly what they would see alone. Seq2seq rows run the encoder over
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpt_edge_runtime import format as fmt
-from mpt_edge_runtime.sampling import SamplingConfig, next_tokens
+from mpt_edge_runtime.sampling import SamplingParams, next_tokens
 from mpt_edge_runtime.session import GraphSession
 
 Cache = tuple[np.ndarray, ...]   # past.0.key, past.0.value, past.1.key, ...; each (h_kv, S, d_h) for one row
@@ -63,6 +63,10 @@ class DecoderSession:
     def start(self, rows: Sequence[tuple[Cache, Sequence[int]]]):
         logits, features, present, mask, positions = prefill(self, rows)
         return logits, features, (present, mask, positions)
+
+    def features(self, rows: Sequence[tuple[Cache, Sequence[int]]]) -> np.ndarray:
+        """The last input token's hidden state of each row, (B, d): what classification reads."""
+        return self.start(rows)[1]
 
     def advance(self, state, tokens: np.ndarray):
         past, mask, positions = state
@@ -105,6 +109,10 @@ class Seq2SeqSession:
                                                            fmt.PROMPT_EMBEDS: prompts})
         encoder_mask = np.concatenate([np.ones((len(rows), prompts.shape[1]), np.int64), mask], axis=1)
         return logits, features, (kv[:2 * self.layers], kv[2 * self.layers:], encoder_mask)
+
+    def features(self, rows: Sequence[tuple[np.ndarray, Sequence[int]]]) -> np.ndarray:
+        """Decoder step 0's hidden state of each row, (B, d): what classification reads."""
+        return self.start(rows)[1]
 
     def advance(self, state, tokens: np.ndarray):
         past, cross, encoder_mask = state
@@ -159,7 +167,7 @@ def prefill(decoder: DecoderSession, rows: Sequence[tuple[Cache, Sequence[int]]]
     return logits, features, present, inputs["attention_mask"], inputs["position_ids"][:, -1]
 
 
-def decode(steps: DecoderSession | Seq2SeqSession, rows: Sequence[tuple[object, Sequence[int]]], config: SamplingConfig,
+def decode(steps: DecoderSession | Seq2SeqSession, rows: Sequence[tuple[object, Sequence[int]]], config: SamplingParams,
            eos_ids: Sequence[int] = (), rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row (task prefix, input ids), (B,) int64, step by step, until every row has
     produced an end-of-sequence token or `config.max_new_tokens` steps have run. Rows that ended keep receiving

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mpt_edge_runtime.errors import InputError
-from mpt_edge_runtime.sampling import SamplingConfig
+from mpt_edge_runtime.sampling import SamplingParams
 from mpt_edge_serve.errors import ApiError
 
 CLASSIFY_FIELDS = {"task", "texts", "bundle"}
@@ -32,9 +32,9 @@ class GenerateCall:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
-    def sampling(self) -> dict:
+    def sampling(self) -> SamplingParams:
         fields = asdict(self)
-        return {name: fields[name] for name in SAMPLING_FIELDS}
+        return SamplingParams(**{name: fields[name] for name in SAMPLING_FIELDS})
 
     def group(self, index: int) -> tuple:
         """Calls with equal groups run as one batch: same sampling options; greedy ignores the seed, and a
@@ -103,7 +103,7 @@ def parse_generate(body: object, max_texts: int, max_new_tokens: int) -> tuple[s
     if "stop" in options and isinstance(options["stop"], list):
         options["stop"] = tuple(options["stop"])
     try:
-        config = SamplingConfig(**options)
+        config = SamplingParams(**options)
     except InputError as err:
         raise ApiError(422, str(err)) from None
     if config.max_new_tokens > max_new_tokens:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from mpt_edge_runtime import Engine
+from mpt_edge_runtime import Engine, SamplingParams
 from mpt_edge_runtime.errors import InputError
 from mpt_edge_serve.calls import ClassifyCall, GenerateCall
 from mpt_edge_serve.errors import RUNTIME_ERRORS, error_item
@@ -120,11 +120,11 @@ class _Group:
     stop: threading.Event
 
 
-def _drive(engine: Engine, pairs: list, sampling: dict, post: Callable, gid: int, stop: threading.Event) -> None:
+def _drive(engine: Engine, pairs: list, sampling: SamplingParams, post: Callable, gid: int, stop: threading.Event) -> None:
     """Thread body: stream one runtime call and post its events to the event loop."""
     try:
         started = False
-        stream = engine.stream_batch(pairs, **sampling)
+        stream = engine.stream_batch(pairs, sampling)
         for row, piece in stream:
             if not started:
                 post(("start", gid))
