@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.backbones import load_backbone
 from mpt_edge.prompt_init import init_prompt
-from mpt_edge_export.decoder import export_decoder
+from mpt_edge_export.families.causal.graphs import export_decoder
 from mpt_edge_runtime.generation import DecoderSession, decode, prefill_inputs, prompt_cache
 from mpt_edge_runtime.sampling import SamplingParams
 from mpt_edge_runtime.session import GraphSession

@@ -90,7 +90,7 @@ def best_source_prompt(backbone, teachers, target: str, max_length: int, work: P
     """SPoT's pick: the source task whose teacher prompt scores best on the target's dev split, untrained
     (causal backbones score any prompt with the target's verbalizers; encoders have no head yet: first source).
     Cached per target in `<work>/spot.json`."""
-    if backbone.family != "causal":
+    if backbone.family.uses_heads:
         return teachers.task_names[0]
     cache = work / "spot.json"
     picks = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -139,7 +139,7 @@ def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int,
     encoded = encode_tasks(train, backbone.tokenizer, config.max_length)
     out = work / "runs" / f"{target}-k{k}-s{seed}-{method}{tag}"
     extra = {}
-    if method == "baseline" and backbone.family == "causal":
+    if method == "baseline" and not backbone.family.uses_heads:
         return {"scores": evaluate_zero_shot(backbone, test, max_length=config.max_length)[target], "extra": extra}
     if method == "finetune":
         return finetune_run(backbone, train, dev, test, steps=config.steps, batch_size=config.batch_size,

@@ -70,7 +70,7 @@ def setup(name: str, args) -> tuple:
     if TASK not in trained.task_names:
         sys.exit(f"error: {folder} has tasks {trained.task_names}; the benchmark needs {TASK!r}")
     source = bundle_source(trained, backbone)
-    tag = f"{trained.meta['sha256'][:10]}{'-opt' if args.optimize else ''}"
+    tag = f"{trained.meta.extra['sha256'][:10]}{'-opt' if args.optimize else ''}"
     bundles = {}
     for variant in ("fp32", *INT8_RECIPES):
         out = args.work / name / f"bundle-{tag}-{variant}"

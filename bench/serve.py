@@ -67,7 +67,6 @@ def build_bundle(out: Path, prompt_length: int) -> None:
     from mpt_edge.bundle_source import backbone_facts
     from mpt_edge.prompt_init import vocab_prompt
     from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
-    from mpt_edge_export.families import adapter_for
 
     backbone = load_backbone("smollm2-135m")
     embeddings = backbone.model.get_input_embeddings().weight
@@ -92,7 +91,7 @@ def build_bundle(out: Path, prompt_length: int) -> None:
              task("topic", "classify", "Article: {text}\nTopic:", [" world", " sports", " business", " science"]),
              task("answer", "generate", "Question: {text}\nAnswer:", []),
              task("explain", "generate", "Explain briefly: {text}\n", [])]
-    source = BundleSource("causal", backbone_facts(backbone), backbone.model, adapter_for("causal"),
+    source = BundleSource(backbone.family.name, backbone_facts(backbone), backbone.model, backbone.family.adapter(),
                           backbone.tokenizer, [shared], tasks)
     write_bundle(source, out, ExportOptions(max_length=64, kv_cache=True), log=lambda msg: print(msg, file=sys.stderr))
 

@@ -55,7 +55,7 @@ def measure(name: str, steps: int, prompt_length: int, max_length: int, batch: i
                                                   config, tmp / f"target-{mode}")
         results["pt"] = timed_fit(stages.prompt_tuning("pt", backbone, target, config, prompt), target, config,
                                   tmp / "pt")
-        if backbone.family == "encoder":
+        if backbone.family.uses_heads:
             results["head"] = timed_fit(stages.head_only(backbone, target, config), target, config, tmp / "head")
     return {stage: {"s_per_step": round(s, 3), "steps_per_s": round(1 / s, 3)} for stage, s in results.items()}
 

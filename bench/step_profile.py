@@ -32,7 +32,6 @@ from mpt_edge.scoring import Classifier
 from mpt_edge.source_build import machine
 from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
-from mpt_edge_export.families import adapter_for
 
 PHASES = ("data", "compose", "forward", "loss", "backward", "optimizer")
 
@@ -70,8 +69,8 @@ def measure(name: str, steps: int, prompt_length: int, max_length: int, batch_si
     plan = stages.prompt_tuning("pt", backbone, encoded, config, PromptConfig(length=prompt_length))
     classifier = stages.classifier_for(backbone, [encoded[0].spec], plan.heads)
     results = {"pt": profile(plan, encoded, config, classifier, steps)}
-    if backbone.family == "causal":   # the same step with the prompt prepended to every row (before sharing)
-        plain = Classifier(backbone.model, adapter_for("causal"), classifier.scorer, classifier.sequences)
+    if backbone.family.training_options:   # the same step with the family's plain adapter (causal: no shared prefix)
+        plain = Classifier(backbone.model, backbone.family.adapter(), classifier.scorer, classifier.sequences)
         results["pt-plain-prefix"] = profile(plan, encoded, config, plain, steps)
     source = Trained({**plan.meta, "stage": "source"}, [encoded[0].spec], plan.prompt, plan.heads)
     target = stages.target(backbone, encoded, source, config, mode="full")

@@ -23,7 +23,7 @@ import torch
 
 from mpt_edge.errors import BackboneError
 from mpt_edge.packages import PackageFetchError, cache_dir, fetch_package
-from mpt_edge_export.families import UnsupportedBackboneError, family_for_model_type
+from mpt_edge_export.families import Family, UnsupportedBackboneError, family_for_model_type, family_named
 from mpt_edge_runtime.text import plain_tokenizer
 
 
@@ -44,10 +44,14 @@ class Backbone:
     """A loaded, frozen backbone: float32, eval mode, no parameter requires grad."""
 
     name: str
-    family: str  # "causal" | "encoder" | "seq2seq" (mpt_edge_export.families)
-    model: torch.nn.Module  # causal: AutoModelForCausalLM; seq2seq: AutoModelForSeq2SeqLM; encoder: bare AutoModel
+    family: Family  # what the kit knows about its architecture (mpt_edge_export.families); a name works too
+    model: torch.nn.Module  # loaded with the family's transformers Auto class (`family.auto_model`)
     tokenizer: tokenizers.Tokenizer  # from the folder's tokenizer.json; the runtime uses the same file
     path: Path  # the Hugging Face folder it was loaded from
+
+    def __post_init__(self):
+        if isinstance(self.family, str):   # a family may be given by its registered name
+            object.__setattr__(self, "family", family_named(self.family))
 
 
 DEFAULT_BACKBONE = "smollm2-135m"
@@ -101,7 +105,7 @@ def describe(backbone: Backbone) -> dict:
     config = backbone.model.config
     return {
         "name": backbone.name,
-        "family": backbone.family,
+        "family": backbone.family.name,
         "model_type": config.model_type,
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
@@ -116,7 +120,8 @@ def describe(backbone: Backbone) -> dict:
 
 def _load_folder(name: str, path: Path) -> Backbone:
     """Load a Hugging Face folder as a frozen float32 backbone of the family its model_type implies."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
+    from transformers import AutoConfig
 
     for required in ("config.json", "tokenizer.json"):
         if not (path / required).is_file():
@@ -130,7 +135,7 @@ def _load_folder(name: str, path: Path) -> Backbone:
         family = family_for_model_type(config.model_type)
     except UnsupportedBackboneError as err:
         raise BackboneError(f"cannot use the backbone in {path}: {err}") from err
-    auto = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(family, AutoModel)
+    auto = getattr(transformers, family.auto_model)
     model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     model.eval().requires_grad_(False)
     tokenizer = plain_tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))

@@ -13,7 +13,6 @@ import mpt_edge
 from mpt_edge.scoring import verbalizer_ids, verbalizer_sequences
 from mpt_edge.trained import Trained
 from mpt_edge_export.bundle_writer import BundleSource, ExportError, ExportTask
-from mpt_edge_export.families import adapter_for
 
 
 def backbone_facts(backbone) -> dict:
@@ -35,7 +34,7 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
     if trained.prompt is None:
         raise ExportError("this checkpoint has no prompt (a head-only baseline); bundles serve prompted tasks")
     tensors = trained.prompt.tensors()
-    max_length = trained.meta["train"]["max_length"]
+    max_length = trained.meta.max_length
     tasks = []
     for k, spec in enumerate(trained.specs):
         weight, bias, ids = _head(trained, backbone, k)
@@ -45,13 +44,13 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
                   "max_length": max_length, **_sequences(spec, backbone)},
             u=tensors["prompt.u"][k].numpy(), v=tensors["prompt.v"][k].numpy(), head_weight=weight, head_bias=bias,
             head_ids=ids))
-    pooling = trained.meta.get("pooling") or "mean"
-    adapter = adapter_for(backbone.family, **({"pooling": pooling} if backbone.family == "encoder" else {}))
+    pooling = trained.meta.pooling_or_default
+    adapter = backbone.family.adapter(pooling=pooling)
     return BundleSource(
-        family=backbone.family, backbone=backbone_facts(backbone), model=backbone.model, adapter=adapter,
+        family=backbone.family.name, backbone=backbone_facts(backbone), model=backbone.model, adapter=adapter,
         tokenizer=backbone.tokenizer, groups=[g.numpy() for g in tensors["prompt.shared"]], tasks=tasks,
-        extra={"versions": {"mpt-edge": mpt_edge.__version__}, "pooling": pooling if backbone.family == "encoder" else None,
-               "source_checkpoint": {"stage": trained.meta.get("stage"), "step": trained.meta.get("step")}})
+        extra={"versions": {"mpt-edge": mpt_edge.__version__}, "pooling": pooling if backbone.family.uses_heads else None,
+               "source_checkpoint": {"stage": trained.meta.stage, "step": trained.meta.step}})
 
 
 def _sequences(spec, backbone) -> dict:

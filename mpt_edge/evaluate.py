@@ -10,7 +10,7 @@ import torch
 from mpt_edge.batching import EncodedTask, encode_tasks, eos_id, sequential_batches
 from mpt_edge.errors import ConfigError, DataError
 from mpt_edge.scoring import Classifier
-from mpt_edge.stages import classifier_for
+from mpt_edge.methods.common import classifier_for
 
 
 def macro_f1(predicted: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
@@ -107,17 +107,17 @@ def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: i
     order = torch.tensor([trained.index_of(t.spec.name) for t in tasks])
     encoded = encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model))
     heads = trained.heads.select(order) if trained.heads is not None else None
-    classifier = classifier_for(backbone, [t.spec for t in tasks], heads, trained.meta.get("pooling") or "mean")
+    classifier = classifier_for(backbone, [t.spec for t in tasks], heads, trained.meta.pooling_or_default)
     prompts = trained.prompt.fold().detach()[order] if trained.prompt is not None else None
     return evaluate(classifier, (lambda ids: prompts[ids]) if prompts is not None else (lambda ids: None),
                     encoded, batch_size)
 
 
 def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """Causal and seq2seq backbones without any prompt: verbalizer scoring of the template alone."""
-    if backbone.family == "encoder":
-        raise ConfigError("zero-shot needs a causal or seq2seq backbone (verbalizer scoring); encoder heads must be trained: "
-                          "use `mpt-edge train target --method head`")
+    """A verbalizer family's backbone without any prompt: verbalizer scoring of the template alone."""
+    if backbone.family.uses_heads:
+        raise ConfigError(f"zero-shot needs a backbone that scores verbalizers; {backbone.family.name} heads must be "
+                          "trained: use `mpt-edge train target --method head`")
     classifier = classifier_for(backbone, [t.spec for t in tasks], None)
     return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model)),
                     batch_size)

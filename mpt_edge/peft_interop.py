@@ -28,7 +28,6 @@ from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
 
 PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
-TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}  # our family → PEFT task_type
 CONFIG_FILE, WEIGHTS_FILE, TASKS_FILE = "adapter_config.json", "adapter_model.safetensors", "mpt_edge_tasks.json"
 KEYS = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
 
@@ -72,9 +71,9 @@ def read_peft_adapter(folder: Path) -> PeftPrompt:
     if config.get("peft_type") != PEFT_TYPE:
         raise PeftInteropError(f"{config_path}: peft_type {config.get('peft_type')!r} is not {PEFT_TYPE!r}; "
                                "only Multitask Prompt Tuning adapters can be imported")
-    if config.get("task_type") not in TASK_TYPES.values():
+    if config.get("task_type") not in _peft_task_types():
         raise PeftInteropError(f"{config_path}: task_type {config.get('task_type')!r} is not supported; allowed: "
-                               f"{', '.join(TASK_TYPES.values())} (PEFT's SEQ_CLS head is one classifier for every task)")
+                               f"{', '.join(_peft_task_types())} (PEFT's SEQ_CLS head is one classifier for every task)")
     submodules = config.get("num_transformer_submodules") or (2 if config["task_type"] == "SEQ_2_SEQ_LM" else 1)
     if submodules != 1:
         raise PeftInteropError(
@@ -109,23 +108,35 @@ def write_peft_adapter(prompt: PeftPrompt, out: Path) -> Path:
     return out
 
 
+def _peft_families() -> list[str]:
+    from mpt_edge_export.families import FAMILIES
+
+    return [f.name for f in FAMILIES.values() if f.peft_task_type is not None]
+
+
+def _peft_task_types() -> list[str]:
+    from mpt_edge_export.families import FAMILIES
+
+    return [f.peft_task_type for f in FAMILIES.values() if f.peft_task_type is not None]
+
+
 def peft_prompt_from_trained(trained: Trained, backbone) -> PeftPrompt:
     """Our checkpoint as PEFT MPT tensors + config; needs one shared prompt and no encoder heads."""
     if trained.prompt is None:
         raise PeftInteropError("this checkpoint has no prompt (a head-only baseline); there is nothing to export")
-    if trained.heads is not None or backbone.family not in TASK_TYPES:
-        raise PeftInteropError(f"{backbone.family} checkpoints train per-task heads, which PEFT's MPT adapter cannot hold; "
-                               f"export-peft supports the {' and '.join(TASK_TYPES)} families")
+    if trained.heads is not None or backbone.family.peft_task_type is None:
+        raise PeftInteropError(f"{backbone.family.name} checkpoints train per-task heads, which PEFT's MPT adapter cannot "
+                               f"hold; export-peft supports the {' and '.join(_peft_families())} families")
     tensors = trained.prompt.tensors()
     if tensors["prompt.shared"].shape[0] != 1:
         raise PeftInteropError(
-            f"this checkpoint has {tensors['prompt.shared'].shape[0]} shared prompts (stage {trained.meta.get('stage')!r}, "
-            f"mode {trained.meta.get('mode')!r}); PEFT's MPT has one. Export a source checkpoint or a target one trained "
+            f"this checkpoint has {tensors['prompt.shared'].shape[0]} shared prompts (stage {trained.meta.stage!r}, "
+            f"mode {trained.meta.extra.get('mode')!r}); PEFT's MPT has one. Export a source checkpoint or a target one trained "
             "with --mode factors or group (or a single task)")
     shared, cols, rows = tensors["prompt.shared"][0], tensors["prompt.u"], tensors["prompt.v"]
     model_config = backbone.model.config
     config = {
-        "peft_type": PEFT_TYPE, "task_type": TASK_TYPES[backbone.family], "inference_mode": True,
+        "peft_type": PEFT_TYPE, "task_type": backbone.family.peft_task_type, "inference_mode": True,
         "base_model_name_or_path": str(backbone.path) if backbone.path is not None else backbone.name,
         "num_virtual_tokens": shared.shape[0], "token_dim": shared.shape[1], "num_transformer_submodules": 1,
         "num_attention_heads": getattr(model_config, "num_attention_heads", None),
@@ -135,7 +146,7 @@ def peft_prompt_from_trained(trained: Trained, backbone) -> PeftPrompt:
         "tokenizer_name_or_path": None, "tokenizer_kwargs": None, "modules_to_save": None, "revision": None,
     }
     return PeftPrompt(config, shared, cols, rows, [s.to_json() for s in trained.specs],
-                      trained.meta.get("train", {}).get("max_length"))
+                      trained.meta.max_length)
 
 
 def import_peft(prompt: PeftPrompt, backbone, specs: list[TaskSpec] | None, out: Path, max_length: int | None = None) -> Path:
@@ -143,10 +154,9 @@ def import_peft(prompt: PeftPrompt, backbone, specs: list[TaskSpec] | None, out:
 
     `specs` name the tasks in PEFT's task-id order; None takes them from the adapter's mpt_edge_tasks.json.
     """
-    family_type = TASK_TYPES.get(backbone.family)
-    if prompt.config["task_type"] != family_type:
+    if prompt.config["task_type"] != backbone.family.peft_task_type:
         raise PeftInteropError(f"the adapter is {prompt.config['task_type']} but backbone {backbone.name!r} is "
-                               f"{backbone.family}; pass the backbone it was trained on with --backbone")
+                               f"{backbone.family.name}; pass the backbone it was trained on with --backbone")
     hidden = backbone.model.get_input_embeddings().embedding_dim
     if prompt.shared.shape[1] != hidden:
         raise PeftInteropError(f"the adapter's token_dim is {prompt.shared.shape[1]} but backbone {backbone.name!r} has "
@@ -164,7 +174,7 @@ def import_peft(prompt: PeftPrompt, backbone, specs: list[TaskSpec] | None, out:
     tasks, length, rank = prompt.cols.shape
     train = asdict(TrainConfig(steps=1, max_length=max_length or prompt.max_length or TrainConfig.max_length))
     meta = {
-        "backbone": {"name": backbone.name, "family": backbone.family, "hidden_size": hidden},
+        "backbone": {"name": backbone.name, "family": backbone.family.name, "hidden_size": hidden},
         "tasks": [s.to_json() for s in specs],
         "prompt": {"length": length, "rank": rank, "groups": 1, "task_groups": [0] * tasks},
         "heads": False, "pooling": None, "stage": "source", "train": train, "total_steps": 0, "history": [],

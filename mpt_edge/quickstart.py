@@ -103,7 +103,7 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     pt = run("pt", stages.prompt_tuning("pt", backbone, tgt_encoded, train_cfg, prompt_cfg), tgt_encoded)
 
     log(f"[eval] {config.target} test, {config.test_limit} examples per method")
-    if backbone.family == "encoder":  # no zero-shot without a trained head: the floor is the head alone
+    if backbone.family.uses_heads:  # no zero-shot without a trained head: the floor is the head alone
         head = run("head", stages.head_only(backbone, tgt_encoded, train_cfg), tgt_encoded)
         floor = {"head only": evaluate_trained(backbone, head, target_test, max_length=config.max_length)[config.target]}
     else:

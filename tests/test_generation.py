@@ -11,7 +11,7 @@ from conftest import VOCAB, make_tokenizer, tiny_llama_backbone
 from mpt_edge.backbones import Backbone
 from mpt_edge.bundle_source import backbone_facts
 from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
-from mpt_edge_export.decoder import export_decoder
+from mpt_edge_export.families.causal.graphs import export_decoder
 from mpt_edge_export.families import adapter_for
 from mpt_edge_runtime import InputError, SamplingParams, load
 from mpt_edge_runtime.generation import DecoderSession, decode, prefill, prompt_cache

@@ -119,7 +119,7 @@ def converted(tmp_path_factory):
 
 def test_converted_model_holds_the_written_tensors_with_q_and_k_unpermuted(converted):
     reference, _, backbone = converted
-    assert type(backbone.model) is LlamaForCausalLM and backbone.family == "causal"
+    assert type(backbone.model) is LlamaForCausalLM and backbone.family.name == "causal"
     assert getattr(backbone.model.config, "quantization_config", None) is None
     assert backbone.model.config.tie_word_embeddings
     expected, got = reference.state_dict(), backbone.model.state_dict()

@@ -47,7 +47,7 @@ def test_peft_to_ours_to_peft_keeps_every_tensor(saved_adapter, tmp_path):
     backbone = tiny_llama_backbone()
     import_peft(read_peft_adapter(saved_adapter), backbone, [SPECS[n] for n in NAMES], tmp_path / "ours")
     trained = load_trained(tmp_path / "ours")
-    assert trained.task_names == list(NAMES) and trained.meta["stage"] == "source"
+    assert trained.task_names == list(NAMES) and trained.meta.stage == "source"
     write_peft_adapter(peft_prompt_from_trained(trained, backbone), tmp_path / "back")
     before, after = load_file(saved_adapter / "adapter_model.safetensors"), load_file(tmp_path / "back" / "adapter_model.safetensors")
     assert sorted(before) == sorted(after)

@@ -23,10 +23,10 @@ from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 from mpt_edge_export import bundle_writer as bundle_module, transform
 from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
-from mpt_edge_export.decoder import export_decoder
+from mpt_edge_export.families.causal.graphs import export_decoder
 from mpt_edge_export.families import adapter_for
 from mpt_edge_export.graph import PromptedFeatures, export_graph
-from mpt_edge_export.seq2seq_graphs import export_seq2seq
+from mpt_edge_export.families.seq2seq.graphs import export_seq2seq
 import mpt_edge_runtime as mer
 from mpt_edge_runtime import format as fmt
 from test_generation import tiny_gpt2_backbone

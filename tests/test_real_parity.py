@@ -131,10 +131,10 @@ def torch_probabilities(backbone, trained, task: str, texts: list[str]) -> np.nd
     k = trained.index_of(task)
     spec = trained.specs[k]
     encoded = encode_tasks([TaskData(spec, [Example({"text": t}, 0) for t in texts])], backbone.tokenizer,
-                           trained.meta["train"]["max_length"])
+                           trained.meta.max_length)
     batch = collate(encoded, [(0, i) for i in range(len(texts))])
     heads = trained.heads.select([k]) if trained.heads is not None else None
-    clf = stages.classifier_for(backbone, [spec], heads, trained.meta.get("pooling") or "mean")
+    clf = stages.classifier_for(backbone, [spec], heads, trained.meta.pooling_or_default)
     with torch.no_grad():
         logits, _ = clf(trained.prompt.fold()[k].expand(len(texts), -1, -1), batch)
     return torch.softmax(logits[:, : len(spec.labels)], dim=-1).numpy()
@@ -155,7 +155,7 @@ def check_classify(name: str, backbone, trained, bundle, times: dict) -> None:
     gold = [ex.label for ex in load_split([CLASSIFY], default_data_dir(), "test", limit=N_TEXTS, seed=0)[0].examples]
     accuracy = np.mean(expected.argmax(-1) == np.array(gold))
     print(f"\n[{name}] {len(texts)} real {CLASSIFY} test texts: max |p_runtime − p_torch| = {diff:.2e} "
-          f"(tolerance {PROB_ATOL:.0e}); torch accuracy {accuracy:.2f} after {trained.meta.get('step')} steps; "
+          f"(tolerance {PROB_ATOL:.0e}); torch accuracy {accuracy:.2f} after {trained.meta.step} steps; "
           f"runtime {runtime_s:.2f} s, torch {torch_s:.2f} s; "
           + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     np.testing.assert_allclose(got, expected, atol=PROB_ATOL, rtol=0, err_msg=name)

@@ -112,7 +112,7 @@ def training_probabilities(served: Served, texts: list[str]) -> torch.Tensor:
     encoded = encode_tasks([task], served.backbone.tokenizer, MAX_LENGTH)
     batch = collate(encoded, [(0, i) for i in range(len(texts))], pad_id=PAD)
     classifier = stages.classifier_for(served.backbone, served.trained.specs, served.trained.heads,
-                                       served.trained.meta.get("pooling") or "mean")
+                                       served.trained.meta.pooling_or_default)
     logits, _ = classifier(fixed_prompts(served.trained)[batch.task_ids], batch)
     return torch.softmax(logits, dim=-1)
 

@@ -71,7 +71,7 @@ def test_every_stage_lowers_the_loss(backbone, source_runs, tmp_path):
     # group mode shares P* across both tasks, so its steps are not per task: give it the same total budget
     plans["target-group"] = stages.target(backbone, tgt, source, config(steps=60), mode="group")
     plans["pt"] = stages.prompt_tuning("pt", backbone, tgt, cfg, PROMPT)
-    if backbone.family == "encoder":
+    if backbone.family.uses_heads:
         plans["head"] = stages.head_only(backbone, tgt, cfg)
     for name, plan in plans.items():
         run_cfg = config(steps=60) if name == "target-group" else cfg

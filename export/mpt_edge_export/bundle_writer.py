@@ -17,10 +17,9 @@ from safetensors.numpy import save as save_tensors
 
 from mpt_edge.errors import ExportError  # noqa: F401  (defined with the other project errors)
 from mpt_edge_export import transform
-from mpt_edge_export.decoder import decoder_parity_report, export_decoder
+from mpt_edge_export.families import FAMILIES, family_named
 from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
 from mpt_edge_export.parity import check_parity, parity_report
-from mpt_edge_export.seq2seq_graphs import export_seq2seq, seq2seq_parity_report
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256
 from mpt_edge_runtime.manifest import Manifest
@@ -65,7 +64,7 @@ class ExportOptions:
 class BundleSource:
     """What a bundle is made of: the frozen backbone, its adapter and tokenizer, shared prompts and tasks."""
 
-    family: str
+    family: str                    # the family's name (mpt_edge_export.families)
     backbone: dict                 # name, model_type, hidden_size, layers, heads, kv_heads, vocab_size, max_positions
     model: object                  # torch.nn.Module, frozen
     adapter: object
@@ -186,32 +185,18 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     """Export the bundle's graph (features; for causal bundles that need it the KV-cache generation graph; for
     seq2seq ones the encoder + decoder-step pair), apply the transforms to every file, check parity after each;
     → (manifest "graph" entry, parity reports)."""
-    generation = wants_decoder(source, options)
-    if generation and source.family == "seq2seq":
-        prefill, step = folder / fmt.ENCODER_GRAPH, folder / fmt.DECODER_GRAPH
-        paths = [prefill, step]
-        log(f"exporting the seq2seq generation graphs: encoder + step 0, decoder step with KV cache (opset {options.opset})")
-        export_seq2seq(source.model, prefill, step, options.opset)
-        report = lambda dtype=np.float32: seq2seq_parity_report(source.model, prefill, step, length, options.max_length, dtype)  # noqa: E731
-        entry = {"kind": fmt.SEQ2SEQ_KIND, "file": prefill.name, "decoder_file": step.name,
-                 "eos_token_ids": _eos_ids(source.model), "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()},
-                 "decoder_inputs": {k: list(v.values()) for k, v in fmt.SEQ2SEQ_STEP_INPUTS.items()},
-                 "outputs": list(fmt.DECODER_OUTPUTS)}
-    elif generation:
-        path = folder / fmt.DECODER_GRAPH
-        paths = [path]
-        log(f"exporting the generation graph with KV cache (opset {options.opset})")
-        export_decoder(source.model, path, options.opset)
-        report = lambda dtype=np.float32: decoder_parity_report(source.model, path, length, options.max_length, dtype)  # noqa: E731
-        entry = {"kind": fmt.DECODER_KIND, "file": path.name, "eos_token_ids": _eos_ids(source.model),
-                 "inputs": {k: list(v.values()) for k, v in fmt.DECODER_INPUTS.items()},
-                 "outputs": list(fmt.DECODER_OUTPUTS)}
+    family = family_named(source.family)
+    if wants_decoder(source, options):
+        log(f"exporting the {family.name} generation graph(s) with KV cache (opset {options.opset})")
+        graphs = family.export_generation(source.model, folder, options.opset, length, options.max_length)
+        paths, entry = graphs.paths, graphs.entry
+        report = lambda dtype=np.float32: graphs.report(dtype)  # noqa: E731
     else:
         path = folder / fmt.GRAPH
         paths = [path]
         wrapper = PromptedFeatures(source.model, source.adapter)
         vocab = source.backbone["vocab_size"]
-        log(f"exporting the {source.family} graph (opset {options.opset})")
+        log(f"exporting the {family.name} graph (opset {options.opset})")
         export_graph(wrapper, path, length, dim, vocab, options.opset)
         report = lambda dtype=np.float32: parity_report(wrapper, path, length, dim, vocab, options.max_length, dtype)  # noqa: E731
         entry = {"kind": fmt.FEATURES_KIND, "file": path.name,
@@ -237,16 +222,13 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     return {**entry, "opset": options.opset, "dtype": options.dtype, **transforms}, parity
 
 
-def _eos_ids(model) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or model.config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
     """Whether the bundle holds the KV-cache generation graph(s): asked for, or (by default) when a causal or
     seq2seq task generates or scores whole verbalizer sequences. They serve classification too (features output)."""
-    if options.kv_cache and source.family == "encoder":
-        raise ExportError(f"--kv-cache needs a causal or seq2seq backbone; this one is {source.family}")
+    generates = family_named(source.family).generates
+    if options.kv_cache and not generates:
+        raise ExportError(f"--kv-cache needs a backbone family that generates "
+                          f"({', '.join(f.name for f in FAMILIES.values() if f.generates)}); this one is {source.family}")
     needs = [t.spec["name"] for t in source.tasks
              if t.spec.get("kind") == "generate" or t.spec.get("verbalizer_tokens") == "all"]
     if options.kv_cache is False and needs:
@@ -254,7 +236,7 @@ def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
                           "graph; drop --no-kv-cache")
     if options.kv_cache is not None:
         return options.kv_cache
-    return source.family != "encoder" and bool(needs)
+    return generates and bool(needs)
 
 
 def _check_tasks(source: BundleSource, length: int, dim: int) -> None:

@@ -55,3 +55,9 @@ def export_graph(wrapper: PromptedFeatures, path: Path, prompt_length: int, hidd
         torch.onnx.export(wrapper.eval(), example, str(path), input_names=list(fmt.GRAPH_INPUTS),
                           output_names=list(fmt.GRAPH_OUTPUTS), dynamic_axes=dynamic, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
+
+
+def eos_token_ids(model: nn.Module) -> list[int]:
+    """The end-of-sequence token ids generation stops at (generation config first, then the model config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])

@@ -47,7 +47,7 @@ def export_command(
 
     trained = load_trained(checkpoint)
     options = ExportOptions(optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
-                            max_length=trained.meta["train"]["max_length"], kv_cache=kv_cache)
+                            max_length=trained.meta.max_length, kv_cache=kv_cache)
     bb = load_backbone(checkpoint_backbone(trained, checkpoint, backbone))
     trained.check_backbone(bb, checkpoint)
     manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
@@ -81,7 +81,7 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
     except TaskError as err:
         typer.echo(f"note: no dev split to compare int8 with fp32 ({err})", err=True)
         return
-    fp32 = evaluate_trained(backbone, trained, dev, max_length=trained.meta["train"]["max_length"])
+    fp32 = evaluate_trained(backbone, trained, dev, max_length=trained.meta.max_length)
     engine = mer.load(bundle, device="cpu")
     report = {}
     for task in dev:

@@ -49,8 +49,7 @@ def checkpoint_backbone(trained, source, given: Optional[str]) -> str:
     from mpt_edge.backbones import NAMED_BACKBONES
     from mpt_edge.errors import CheckpointError
 
-    info = trained.meta.get("backbone") or {}
-    name, path = info.get("name"), info.get("path")
+    name, path = trained.meta.backbone.name, trained.meta.backbone.path
     if name in NAMED_BACKBONES:
         return name
     if path and Path(path).is_dir():

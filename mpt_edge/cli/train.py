@@ -132,7 +132,7 @@ def train_source(
     teacher_run.check_backbone(bb, teachers)
     encoded = _encode(train, bb, cfg)
     plan = stages.source(bb, encoded, teacher_run, cfg, rank, distill, shared_init,
-                         pooling=teacher_run.meta.get("pooling") or "mean")
+                         pooling=teacher_run.meta.pooling_or_default)
     _fit_and_report(plan, encoded, cfg, out, resume, quiet)
 
 

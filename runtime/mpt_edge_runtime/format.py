@@ -49,7 +49,7 @@ VERBALIZER_IDS, VERBALIZER_WEIGHT, VERBALIZER_BIAS = "verbalizer.ids", "verbaliz
 # A bundle holds one graph; manifest["graph"]["kind"] says which (bundles without "kind" hold the features graph).
 FEATURES_KIND, DECODER_KIND = "features", "decoder"
 
-# The causal generation graph (`decoder.onnx`): one step with a KV cache; see mpt_edge_export.decoder.
+# The causal generation graph (`decoder.onnx`): one step with a KV cache; see mpt_edge_export.families.causal.graphs.
 DECODER_GRAPH = "decoder.onnx"
 POSITION_IDS, LOGITS = "position_ids", "logits"
 DECODER_INPUTS = {
@@ -70,7 +70,7 @@ def present_name(layer: int, part: str) -> str:
     return f"present.{layer}.{part}"
 
 
-# The seq2seq generation graphs (mpt_edge_export.seq2seq_graphs): `encoder.onnx` runs the encoder over
+# The seq2seq generation graphs (mpt_edge_export.families.seq2seq.graphs): `encoder.onnx` runs the encoder over
 # [prompt | input] and decoder step 0 (graph "file"); `decoder.onnx` is one decode step (graph "decoder_file").
 SEQ2SEQ_KIND = "seq2seq"
 ENCODER_GRAPH = "encoder.onnx"

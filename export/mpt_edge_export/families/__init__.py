@@ -1,35 +1,38 @@
-"""Backbone family adapters: how a prompt enters each family of backbone.
+"""The backbone families and the registry that maps a transformers `model_type` to one.
 
-This is the one place that knows it; the training core and the exporter both call it.
+Each family lives in its own folder and declares a `Family` (families/family.py); code elsewhere asks that
+object (`backbone.family.uses_heads`, `.generates`, `.adapter(...)`) and never compares family names.
+Adding a family: one folder, one line in `FAMILIES`, tests (docs/adding-a-family.md).
 """
 
 from __future__ import annotations
 
 from mpt_edge.errors import UnsupportedBackboneError
+from mpt_edge_export.families import causal, encoder, seq2seq
+from mpt_edge_export.families.family import Family, GenerationGraphs
 
-CAUSAL_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "smollm3"})
-ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "mpnet", "xlm-roberta", "distilbert", "electra"})
-SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5"})
+FAMILIES: dict[str, Family] = {f.name: f for f in (causal.FAMILY, encoder.FAMILY, seq2seq.FAMILY)}
 
 
-def family_for_model_type(model_type: str) -> str:
-    """Map a transformers `config.model_type` to a family name: "causal", "encoder" or "seq2seq"."""
-    for family, types in (("causal", CAUSAL_MODEL_TYPES), ("encoder", ENCODER_MODEL_TYPES), ("seq2seq", SEQ2SEQ_MODEL_TYPES)):
-        if model_type in types:
+def family_for_model_type(model_type: str) -> Family:
+    """The family that handles a transformers `config.model_type`."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
             return family
-    raise UnsupportedBackboneError(
-        f"backbone model_type {model_type!r} belongs to no supported family; supported: "
-        f"causal {sorted(CAUSAL_MODEL_TYPES)}, encoder {sorted(ENCODER_MODEL_TYPES)}, seq2seq {sorted(SEQ2SEQ_MODEL_TYPES)}"
-    )
+    supported = ", ".join(f"{f.name} {sorted(f.model_types)}" for f in FAMILIES.values())
+    raise UnsupportedBackboneError(f"backbone model_type {model_type!r} belongs to no supported family; supported: {supported}")
 
 
-def adapter_for(family: str, **options):
-    """The adapter object for a family name ("causal", "encoder", "seq2seq"); options go to its constructor."""
-    from mpt_edge_export.families.causal import CausalAdapter
-    from mpt_edge_export.families.encoder import EncoderAdapter
-    from mpt_edge_export.families.seq2seq import Seq2SeqAdapter
+def family_named(name: str) -> Family:
+    """The registered family called `name` (as recorded in checkpoints and bundle manifests)."""
+    if name not in FAMILIES:
+        raise UnsupportedBackboneError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
-    adapters = {"causal": CausalAdapter, "encoder": EncoderAdapter, "seq2seq": Seq2SeqAdapter}
-    if family not in adapters:
-        raise UnsupportedBackboneError(f"unknown family {family!r}; known: {', '.join(adapters)}")
-    return adapters[family](**options)
+
+def adapter_for(name: str, **options):
+    """The adapter of the family called `name`; options go to the adapter's constructor (tests and benches)."""
+    return family_named(name).adapter_class(**options)
+
+__all__ = ["FAMILIES", "Family", "GenerationGraphs", "UnsupportedBackboneError", "adapter_for", "family_for_model_type",
+           "family_named"]

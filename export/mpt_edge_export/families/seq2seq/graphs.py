@@ -24,10 +24,9 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 from mpt_edge_export.families.base import prompted_inputs
-from mpt_edge_export.families.seq2seq import output_scale, start_id
+from mpt_edge_export.families.seq2seq.adapter import output_scale, start_id
+from mpt_edge_export.graph import DEFAULT_OPSET
 from mpt_edge_runtime import format as fmt
-
-DEFAULT_OPSET = 17
 
 
 def cache_shape(model: nn.Module) -> tuple[int, int, int]:

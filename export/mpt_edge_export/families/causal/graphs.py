@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mpt_edge_export.graph import DEFAULT_OPSET
 from mpt_edge_runtime import format as fmt
-
-DEFAULT_OPSET = 17
 
 
 def cache_shape(model: nn.Module) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mpt_edge.errors import ConfigError
 from mpt_edge_export.families.base import PromptedOutput, prompted_inputs
 
 POOLINGS = ("mean", "cls")
@@ -23,7 +24,7 @@ class EncoderAdapter:
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} is not supported; allowed: {', '.join(POOLINGS)}")
+            raise ConfigError(f"pooling {self.pooling!r} is not supported; allowed: {', '.join(POOLINGS)}")
 
     def forward(self, model: nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, target_mask: torch.Tensor | None = None) -> PromptedOutput:

@@ -1,0 +1,72 @@
+"""MPT stage 3: adapt target tasks from a source's P* and factors.
+
+full: each task trains its own copy of P* and its factors; factors: P* frozen and shared, only U, V train
+(a few KB per task); group: the tasks share one trained P*, each with its own factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from mpt_edge.batching import EncodedTask
+from mpt_edge.methods.common import choice, classifier_for, meta, new_heads, sizes, supervised_loss
+from mpt_edge.prompt import MultitaskPrompt
+from mpt_edge.prompt_init import factors_from_source, identity_factors
+from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler
+from mpt_edge.tasks import TaskError
+from mpt_edge.trained import Trained
+from mpt_edge.training_loop import Plan, TrainConfig
+
+
+class TargetMode(str, Enum):
+    FULL = "full"
+    FACTORS = "factors"
+    GROUP = "group"
+
+
+MEAN, SHARED_ONLY = "mean", "shared-only"   # factor inits besides a source task's name
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    mode: TargetMode = TargetMode.FULL
+    factor_init: str = MEAN   # "mean" of the source factors [paper], a source task's name (its exact pair), or
+                              # "shared-only" (factors start at ones: only P* transfers)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", choice(TargetMode, self.mode, "target mode"))
+        object.__setattr__(self, "factor_init", self.factor_init or MEAN)
+
+
+def plan(backbone, encoded: Sequence[EncodedTask], source_run: Trained, train: TrainConfig,
+         method: TargetConfig = TargetConfig(), pooling: str = "mean") -> Plan:
+    if source_run.prompt is None:
+        raise TaskError("the source checkpoint holds no prompt; pass the output folder of `mpt-edge train source`")
+    generator = torch.Generator().manual_seed(train.seed)
+    specs, tasks, mode = [e.spec for e in encoded], len(encoded), method.mode
+    src = source_run.prompt.tensors()
+    shared0 = src["prompt.shared"][0]
+    if method.factor_init == SHARED_ONLY:
+        u, v = identity_factors(tasks, shared0.shape[0], src["prompt.u"].shape[2], shared0.shape[1], generator)
+    else:
+        pick = None if method.factor_init == MEAN else source_run.index_of(method.factor_init)
+        u, v = factors_from_source(src["prompt.u"], src["prompt.v"], tasks, pick)
+    if mode is TargetMode.FULL:
+        prompt = MultitaskPrompt(shared0.expand(tasks, *shared0.shape), u, v, range(tasks))
+    else:
+        prompt = MultitaskPrompt(shared0[None], u, v, [0] * tasks).set_trainable(shared=mode is TargetMode.GROUP,
+                                                                                 factors=True)
+    heads = new_heads(backbone, specs, generator)
+    classifier = classifier_for(backbone, specs, heads, pooling)
+    if mode is TargetMode.GROUP:
+        sampler = MixtureSampler(sizes(encoded), train.batch_size, train.seed, train.mixing_cap, train.max_tasks)
+        total = train.steps
+    else:
+        sampler, total = RoundRobinSampler(sizes(encoded), train.batch_size, train.seed), train.steps * tasks
+    info = meta(backbone, specs, prompt, heads, pooling, mode=mode.value, factor_init=method.factor_init,
+                source_tasks=source_run.task_names)
+    return Plan("target", prompt, heads, sampler, supervised_loss(classifier, prompt), total, info)
