@@ -10,7 +10,7 @@ import torch
 from mpt_edge.batching import EncodedTask, encode_tasks, eos_id, sequential_batches
 from mpt_edge.errors import ConfigError, DataError
 from mpt_edge.scoring import Classifier
-from mpt_edge.methods.common import classifier_for
+from mpt_edge.methods.building_blocks import classifier_for
 
 
 def macro_f1(predicted: np.ndarray, gold: np.ndarray, num_labels: int) -> float:

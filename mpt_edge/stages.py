@@ -17,7 +17,7 @@ from mpt_edge.batching import EncodedTask
 from mpt_edge.losses import DistillConfig
 from mpt_edge.methods import head_only as _head_only, prompt_tuning as _prompt_tuning, source as _source, \
     target as _target
-from mpt_edge.methods.common import classifier_for, new_heads, supervised_loss
+from mpt_edge.methods.building_blocks import classifier_for, new_heads, supervised_loss
 from mpt_edge.methods.source import SharedInit, SourceConfig, distilled_loss
 from mpt_edge.methods.target import TargetConfig, TargetMode
 from mpt_edge.prompt import PromptConfig

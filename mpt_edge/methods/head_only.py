@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mpt_edge.batching import EncodedTask
-from mpt_edge.methods.common import classifier_for, meta, new_heads, sizes, supervised_loss
+from mpt_edge.methods.building_blocks import classifier_for, meta, new_heads, sizes, supervised_loss
 from mpt_edge.task_mixing import RoundRobinSampler
 from mpt_edge.tasks import TaskError
 from mpt_edge.training_loop import Plan, TrainConfig

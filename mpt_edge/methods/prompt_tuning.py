@@ -10,7 +10,7 @@ from enum import Enum
 import torch
 
 from mpt_edge.batching import EncodedTask
-from mpt_edge.methods.common import choice, classifier_for, hidden, meta, new_heads, sizes, supervised_loss
+from mpt_edge.methods.building_blocks import choice, classifier_for, hidden, meta, new_heads, sizes, supervised_loss
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 from mpt_edge.prompt_init import identity_factors, init_prompt
 from mpt_edge.task_mixing import RoundRobinSampler

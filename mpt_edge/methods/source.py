@@ -12,7 +12,7 @@ import torch
 from mpt_edge.batching import EncodedTask
 from mpt_edge.errors import ConfigError
 from mpt_edge.losses import DistillConfig, Totals, batch_task_loss, distillation_loss
-from mpt_edge.methods.common import choice, classifier_for, meta, sizes
+from mpt_edge.methods.building_blocks import choice, classifier_for, meta, sizes
 from mpt_edge.prompt import MultitaskPrompt
 from mpt_edge.prompt_init import identity_factors, init_prompt
 from mpt_edge.scoring import Classifier

@@ -13,7 +13,7 @@ from enum import Enum
 import torch
 
 from mpt_edge.batching import EncodedTask
-from mpt_edge.methods.common import choice, classifier_for, meta, new_heads, sizes, supervised_loss
+from mpt_edge.methods.building_blocks import choice, classifier_for, meta, new_heads, sizes, supervised_loss
 from mpt_edge.prompt import MultitaskPrompt
 from mpt_edge.prompt_init import factors_from_source, identity_factors
 from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler

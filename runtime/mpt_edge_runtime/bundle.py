@@ -18,7 +18,7 @@ from safetensors.numpy import load as load_tensors
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.errors import BundleError
 from mpt_edge_runtime.manifest import Manifest
-from mpt_edge_runtime.tasks import TaskEntry, task_entry
+from mpt_edge_runtime.task_table import TaskEntry, task_entry
 
 TASK_PARTS = ("u", "v", "head.weight", "head.bias", "head.ids")
 

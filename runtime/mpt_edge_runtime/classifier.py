@@ -15,7 +15,7 @@ import numpy as np
 
 from mpt_edge_runtime.generation import label_log_probs
 from mpt_edge_runtime.requests import Row
-from mpt_edge_runtime.tasks import TaskEntry
+from mpt_edge_runtime.task_table import TaskEntry
 
 
 @dataclass(frozen=True)

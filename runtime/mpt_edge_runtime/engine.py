@@ -33,7 +33,7 @@ from mpt_edge_runtime.manifest import Manifest
 from mpt_edge_runtime.model import Model
 from mpt_edge_runtime.requests import RequestEncoder, check_texts
 from mpt_edge_runtime.sampling import SamplingParams, sampling_params
-from mpt_edge_runtime.tasks import TaskEntry, TaskTable, read_task_file
+from mpt_edge_runtime.task_table import TaskEntry, TaskTable, read_task_file
 
 
 class Engine:

@@ -23,7 +23,7 @@ from mpt_edge_runtime.errors import BundleError
 from mpt_edge_runtime.generation import DecoderSession, Seq2SeqSession, right_padded
 from mpt_edge_runtime.manifest import Manifest
 from mpt_edge_runtime.session import GraphSession
-from mpt_edge_runtime.tasks import TaskEntry
+from mpt_edge_runtime.task_table import TaskEntry
 
 
 @dataclass(frozen=True)

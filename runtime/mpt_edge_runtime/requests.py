@@ -15,7 +15,7 @@ from typing import NamedTuple
 from tokenizers import Tokenizer
 
 from mpt_edge_runtime.errors import InputError, UnknownTaskError
-from mpt_edge_runtime.tasks import TaskEntry
+from mpt_edge_runtime.task_table import TaskEntry
 from mpt_edge_runtime.text import TextError, encode_example, plain_tokenizer, special_tokens
 
 

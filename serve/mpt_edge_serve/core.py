@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from mpt_edge_runtime.tasks import read_task_file
+from mpt_edge_runtime.task_table import read_task_file
 from mpt_edge_runtime.errors import BundleError, MptEdgeRuntimeError, UnknownTaskError
 from mpt_edge_serve.cache import BundleCache, Loaded
 from mpt_edge_serve.calls import ClassifyCall, GenerateCall
