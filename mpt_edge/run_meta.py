@@ -97,5 +97,10 @@ class RunMeta:
         return self.train.get("max_length")
 
     @property
+    def history(self) -> list[dict]:
+        """The run's logged steps (step, loss and its parts, steps/s), oldest first; empty for a shipped source."""
+        return list(self.extra.get("history", []))
+
+    @property
     def pooling_or_default(self) -> str:
         return self.pooling or "mean"

@@ -145,9 +145,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     meta = {**plan.meta, "stage": plan.stage, "train": asdict(config), "total_steps": plan.total_steps}
-    history: list[dict] = []
-    start = 0
-    best: dict = {}
+    start, history, best = 0, [], {}
     if has_checkpoint(out):
         if not resume:
             raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -155,11 +153,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
         _check_resumable(index, meta, out)
         if index.get("stopped"):
             return index
-        plan.load_tensors(tensors)
-        restore_optimizer(optimizer, tensors, index["optimizer"])
-        start, history = index["step"], index["history"]
-        if selecting and "best" in index:
-            best = {**index["best"], "tensors": {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}}
+        start, history, best = _restore(plan, optimizer, index, tensors, selecting)
     if selecting and not best:
         best = _scored(plan, validate, start, {"step": start, "score": float("-inf"), "evals": []})
     bar = _progress(plan.stage, start, plan.total_steps, progress and ranks.main)
@@ -187,16 +181,8 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
             means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             history.append({"step": done, **means, "steps_per_s": len(window) / max(now - tick, 1e-9)})
             tick, window = now, []
-            opt_tensors, opt_info = optimizer_state(optimizer)
-            extra_meta, extra_tensors = {}, {}
-            if selecting:
-                extra_meta = {"best": {k: v for k, v in best.items() if k != "tensors"}}
-                extra_tensors = {BEST + k: v for k, v in best["tensors"].items()}
-            if stopped:
-                extra_meta["stopped"] = {"step": done, "reason": stopped}
             if ranks.main:
-                save_checkpoint(out, {**meta, "history": history, "optimizer": opt_info, **extra_meta},
-                                {**plan.tensors(), **opt_tensors, **extra_tensors}, done)
+                _save(out, plan, optimizer, {**meta, "history": history}, best if selecting else None, stopped, done)
             distributed.barrier(ranks)
         bar(done, logged[0], dict(zip(parts, logged[1:])))
         if stopped:
@@ -205,6 +191,29 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     distributed.barrier(ranks)
     index, _ = load_checkpoint(out)
     return index
+
+
+def _restore(plan: Plan, optimizer, index: dict, tensors: dict, selecting: bool) -> tuple[int, list, dict]:
+    """Load a checkpoint's tensors and optimizer state into `plan` → (step, history, best record or {})."""
+    plan.load_tensors(tensors)
+    restore_optimizer(optimizer, tensors, index["optimizer"])
+    best = {}
+    if selecting and "best" in index:
+        best = {**index["best"], "tensors": {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}}
+    return index["step"], index["history"], best
+
+
+def _save(out: Path, plan: Plan, optimizer, meta: dict, best: dict | None, stopped: str | None, step: int) -> None:
+    """Checkpoint the plan's tensors, the optimizer state and, when selecting, the best tensors so far."""
+    opt_tensors, opt_info = optimizer_state(optimizer)
+    extra_meta, extra_tensors = {}, {}
+    if best is not None:
+        extra_meta = {"best": {k: v for k, v in best.items() if k != "tensors"}}
+        extra_tensors = {BEST + k: v for k, v in best["tensors"].items()}
+    if stopped:
+        extra_meta["stopped"] = {"step": step, "reason": stopped}
+    save_checkpoint(out, {**meta, "optimizer": opt_info, **extra_meta}, {**plan.tensors(), **opt_tensors, **extra_tensors},
+                    step)
 
 
 def _on_main(validate: Validate, ranks: distributed.Ranks) -> Validate:

@@ -31,8 +31,8 @@ def encoded(backbone, *names, count=48, seed=0):
     return encode_tasks([synthetic_task(n, count, seed) for n in names], backbone.tokenizer, 32)
 
 
-def first_last_loss(index) -> tuple[float, float]:
-    return index["history"][0]["loss"], index["history"][-1]["loss"]
+def first_last_loss(history: list[dict]) -> tuple[float, float]:
+    return history[0]["loss"], history[-1]["loss"]
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_backbone_stays_bit_identical_and_only_prompt_params_get_grads(backbone,
 
 def test_every_stage_lowers_the_loss(backbone, source_runs, tmp_path):
     teachers, source = source_runs
-    assert first_last_loss(teachers.meta)[1] < first_last_loss(teachers.meta)[0]
-    assert first_last_loss(source.meta)[1] < first_last_loss(source.meta)[0]
+    assert first_last_loss(teachers.meta.history)[1] < first_last_loss(teachers.meta.history)[0]
+    assert first_last_loss(source.meta.history)[1] < first_last_loss(source.meta.history)[0]
     tgt = encoded(backbone, "mood", "polarity")
     cfg = config()
     plans = {f"target-{m}": stages.target(backbone, tgt, source, cfg, mode=m) for m in ("full", "factors")}
@@ -75,7 +75,7 @@ def test_every_stage_lowers_the_loss(backbone, source_runs, tmp_path):
         plans["head"] = stages.head_only(backbone, tgt, cfg)
     for name, plan in plans.items():
         run_cfg = config(steps=60) if name == "target-group" else cfg
-        first, last = first_last_loss(fit(plan, tgt, run_cfg, tmp_path / name, progress=False))
+        first, last = first_last_loss(fit(plan, tgt, run_cfg, tmp_path / name, progress=False)["history"])
         assert last < first, f"{name}: loss {first:.4f} → {last:.4f}"
 
 

@@ -84,6 +84,26 @@ def sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+def _measured(metrics: Metrics, route: str):
+    """A decorator that counts the request and its latency by status (a stream records itself when it ends)."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def run(*args, **kwargs):
+            tick, status = time.perf_counter(), 500
+            try:
+                response = await handler(*args, **kwargs)
+                status = -1 if getattr(response, "measured_later", False) else response.status_code
+                return response
+            except ApiError as err:
+                status = err.status
+                raise
+            finally:
+                if status != -1:
+                    metrics.request(route, status, time.perf_counter() - tick)
+        return run
+    return wrap
+
+
 def build_api(config: ServeConfig, backend: Backend, metrics: Metrics = Metrics()) -> FastAPI:
     catalog = Catalog(config.bundles, TaskStore(config.task_store))
     api = FastAPI(title="mpt-edge", docs_url=None, redoc_url=None, openapi_url=None)
@@ -97,24 +117,7 @@ def build_api(config: ServeConfig, backend: Backend, metrics: Metrics = Metrics(
         return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
-    def measured(route: str):
-        """Count the request and its latency by status (a stream records itself when it ends)."""
-        def wrap(handler):
-            @functools.wraps(handler)
-            async def run(*args, **kwargs):
-                tick, status = time.perf_counter(), 500
-                try:
-                    response = await handler(*args, **kwargs)
-                    status = -1 if getattr(response, "measured_later", False) else response.status_code
-                    return response
-                except ApiError as err:
-                    status = err.status
-                    raise
-                finally:
-                    if status != -1:
-                        metrics.request(route, status, time.perf_counter() - tick)
-            return run
-        return wrap
+    measured = functools.partial(_measured, metrics)
 
     @api.post("/v1/classify")
     @measured("classify")
