@@ -102,5 +102,10 @@ class RunMeta:
         return list(self.extra.get("history", []))
 
     @property
+    def provenance(self) -> dict:
+        """A shipped source's provenance record (recipe, data, steps, dev accuracy, machine); {} for a checkpoint."""
+        return dict(self.extra.get("provenance", {}))
+
+    @property
     def pooling_or_default(self) -> str:
         return self.pooling or "mean"
