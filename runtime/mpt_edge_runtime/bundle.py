@@ -2,13 +2,14 @@
 
     manifest = read_manifest(folder)              # Manifest; BundleError names what is wrong and the fix
     entries, groups = read_tasks(folder, manifest)
+    manifest = parse_manifest(folder)             # no hashes yet: for `load`, which hashes beside the session
+                                                  # (mpt_edge_runtime.verification)
 
 Only JSON, safetensors and ONNX are read; nothing is unpickled, and every file name must stay inside the folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,12 +20,26 @@ from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.errors import BundleError
 from mpt_edge_runtime.manifest import Manifest
 from mpt_edge_runtime.task_table import TaskEntry, task_entry
+from mpt_edge_runtime.verification import StampStore, Verification, file_sha256
+
+__all__ = ["read_manifest", "parse_manifest", "read_tasks", "task_tensors", "file_sha256", "TASK_PARTS"]
 
 TASK_PARTS = ("u", "v", "head.weight", "head.bias", "head.ids")
 
 
-def read_manifest(folder: Path) -> Manifest:
-    """The manifest, after checking format version, required files and every file's sha256."""
+def read_manifest(folder: Path, *, stamps: StampStore | bool = False) -> Manifest:
+    """The manifest, after checking format version, required files and every file's sha256 (`stamps=True`: a
+    file whose identity an authenticated stamp vouches for is not hashed again)."""
+    manifest = parse_manifest(folder)
+    check = Verification(folder, manifest.files, stamps)
+    check.verify(manifest.files)
+    check.finish()
+    return manifest
+
+
+def parse_manifest(folder: Path) -> Manifest:
+    """The manifest, after checking format version and keys, but no file's sha256: the caller verifies them
+    (mpt_edge_runtime.verification.Verification) before using any file."""
     folder = Path(folder)
     path = folder / fmt.MANIFEST
     if not folder.is_dir():
@@ -35,32 +50,7 @@ def read_manifest(folder: Path) -> Manifest:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path} is not valid JSON ({err}); re-export the bundle") from None
-    manifest = Manifest.from_json(data, where=str(path))
-    for name, digest in manifest.files.items():
-        _verify(folder, name, digest)
-    return manifest
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def _verify(folder: Path, name: str, digest: str) -> None:
-    if Path(name).name != name or name in ("", ".", ".."):
-        raise BundleError(f"{folder / fmt.MANIFEST} names file {name!r} outside the bundle folder; refusing to load it")
-    target = folder / name
-    if target.is_symlink():
-        raise BundleError(f"{target} is a symbolic link; a bundle holds plain files only (refusing to follow it)")
-    if not target.is_file():
-        raise BundleError(f"{target} is missing from the bundle; copy the whole bundle folder or re-export it")
-    if file_sha256(target) != digest:
-        raise BundleError(f"{target} does not match its sha256 in {fmt.MANIFEST}: the file was changed or damaged; "
-                          "restore it or re-export the bundle")
+    return Manifest.from_json(data, where=str(path))
 
 
 def read_tasks(folder: Path, manifest: Manifest) -> tuple[list[TaskEntry], dict[str, np.ndarray]]:

@@ -18,14 +18,18 @@ tokenizers are safe to call concurrently, so concurrent calls give the same answ
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from mpt_edge_runtime import format as fmt
-from mpt_edge_runtime.bundle import read_manifest, read_tasks
+from mpt_edge_runtime.bundle import parse_manifest, read_tasks
 from mpt_edge_runtime.classifier import Prediction, classify_rows
 from mpt_edge_runtime.errors import BundleError
 from mpt_edge_runtime.generator import stream_rows
@@ -34,11 +38,31 @@ from mpt_edge_runtime.model import Model
 from mpt_edge_runtime.requests import RequestEncoder, check_texts
 from mpt_edge_runtime.sampling import SamplingParams, sampling_params
 from mpt_edge_runtime.task_table import TaskEntry, TaskTable, read_task_file
+from mpt_edge_runtime.verification import StampStore, Verification
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How `load` spent its time, wall seconds: from its start to the graph session(s) ready (`session_s`), and,
+    meanwhile in a second thread, hashing (`hash_s`) and reading tasks + tokenizer (`tasks_s`); then waiting
+    for that thread (`wait_s`), computing each task's prefix (`prepare_s`), and the whole load (`total_s`).
+    `hashed`: files hashed by this load; `stamped`: files a verified stamp vouched for (not hashed)."""
+
+    hash_s: float
+    session_s: float
+    tasks_s: float
+    wait_s: float
+    prepare_s: float
+    total_s: float
+    hashed: tuple[str, ...]
+    stamped: tuple[str, ...]
 
 
 class Engine:
     """Serves every task of a bundle from one model. Generation methods take `sampling` (SamplingParams; None:
     greedy, 32 new tokens) and, as keywords, any of its fields, which override it (`max_new_tokens=8`)."""
+
+    load_report: LoadReport | None = None     # set by `load`
 
     def __init__(self, model: Model, tokenizer: Tokenizer, tasks: Iterable[TaskEntry],
                  groups: dict[str, np.ndarray], batch_size: int = 32):
@@ -112,11 +136,59 @@ class Engine:
         self._tasks.remove(name)
 
 
-def load(bundle: str | Path, device: str = "auto", *, threads: int | None = None, batch_size: int = 32) -> Engine:
-    """Open a bundle folder: verify it, compose every task's prompt, start the session on `device`."""
+def load(bundle: str | Path, device: str = "auto", *, threads: int | None = None, batch_size: int = 32,
+         stamps: StampStore | bool = False) -> Engine:
+    """Open a bundle folder: verify it, compose every task's prompt, start the session on `device`.
+
+    Every file the manifest lists matches its sha256 before this returns and before any graph runs. A second
+    thread hashes tasks, prompts and tokenizer, then parses them, then hashes the graph file(s), while this one
+    starts the onnxruntime session (which reads the graph meanwhile); any mismatch raises BundleError and the
+    session is dropped, never used. On a single CPU everything is hashed first, then the session starts.
+    With `stamps=True` (or a StampStore), a file whose identity is unchanged since an earlier full
+    verification is not hashed again (an authenticated stamp: see mpt_edge_runtime.verification for what that
+    trusts); for machines with no second core to hash on."""
+    tick = time.perf_counter()
     folder = Path(bundle)
-    manifest = read_manifest(folder)
+    manifest = parse_manifest(folder)
+    check = Verification(folder, manifest.files, stamps)
+    if _cpus() < 2:     # nothing to overlap with: verify everything first, then open the graph
+        tasks, groups, tokenizer, tasks_s = _verify_and_read(folder, manifest, check)
+        model = Model.open(folder, manifest, device, threads)
+        session_tick = time.perf_counter()
+    else:
+        with ThreadPoolExecutor(1, thread_name_prefix="mpt-edge-load") as pool:
+            side = pool.submit(_verify_and_read, folder, manifest, check)
+            try:
+                model = Model.open(folder, manifest, device, threads)
+            except BaseException:
+                if side.exception() is not None:   # a changed file (or bad task list) explains a graph that fails
+                    raise side.exception() from None
+                raise
+            session_tick = time.perf_counter()
+            tasks, groups, tokenizer, tasks_s = side.result()        # BundleError if any file mismatched
+    if not check.finish():
+        raise BundleError(f"{folder}: not every file was verified")   # unreachable: every listed file is checked
+    prepare_tick = time.perf_counter()
+    engine = Engine(model, tokenizer, tasks, groups, batch_size)
+    done = time.perf_counter()
+    engine.load_report = LoadReport(check.seconds, session_tick - tick, tasks_s, prepare_tick - session_tick,
+                                    done - prepare_tick, done - tick, tuple(check.hashed),
+                                    tuple(name for name in manifest.files if name not in check.hashed))
+    return engine
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (hashing beside the session's start only pays with a second one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _verify_and_read(folder: Path, manifest: Manifest, check: Verification) -> tuple:
+    """Beside the session's start: hash the files parsed here before parsing them, then the graph file(s)."""
+    parsed = [name for name in manifest.files if name in (fmt.TASKS, fmt.PROMPTS, fmt.TOKENIZER)]
+    check.verify(parsed)
+    tick = time.perf_counter()
     tasks, groups = read_tasks(folder, manifest)
-    model = Model.open(folder, manifest, device, threads)
     tokenizer = Tokenizer.from_file(str(folder / fmt.TOKENIZER))
-    return Engine(model, tokenizer, tasks, groups, batch_size)
+    tasks_s = time.perf_counter() - tick
+    check.verify([name for name in manifest.files if name not in parsed])
+    return tasks, groups, tokenizer, tasks_s
