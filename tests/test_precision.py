@@ -81,8 +81,10 @@ def exported(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bundle_module, "export_graph", trace_once)
         for mode in ("fp32", *MODES):
+            # fuse=False: the fp32 reference is the plain traced graph every mode starts from (int8 and fp16 are
+            # never fused), so its MatMuls are the ones the recipes quantize; fused fp32: tests/test_fused_export.py
             options = ExportOptions(max_length=CFG.max_length, quantize=mode if mode in RECIPES else None,
-                                    dtype="fp16" if mode == "fp16" else "fp32")
+                                    dtype="fp16" if mode == "fp16" else "fp32", fuse=False)
             manifest = write_bundle(source, folder / mode, options)
             bundles[mode] = (folder / mode, manifest, probabilities(mer.load(folder / mode, "cpu", threads=1)))
     return request.param, bundles

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save as save_tensors
 
-from mpt_edge.errors import ExportError  # noqa: F401  (defined with the other project errors)
+from mpt_edge.errors import ExportError, ParityError  # noqa: F401  (defined with the other project errors)
 from mpt_edge_export import transform
 from mpt_edge_export.families import FAMILIES, family_named
-from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph
+from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph, traced_attention
 from mpt_edge_export.parity import check_parity, parity_report
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256
@@ -41,6 +41,8 @@ class ExportTask:
 
 @dataclass(frozen=True)
 class ExportOptions:
+    fuse: bool = True             # fp32 features graph of a family with `features_fusion`: onnxruntime's fused
+                                  # transformer ops (Attention, SkipLayerNormalization, BiasGelu), parity checked
     optimize: bool = False        # onnxruntime extended graph optimizations, saved offline
     quantize: str | None = None   # an int8 recipe of transform.INT8_RECIPES
     dtype: str = "fp32"           # fp32, or fp16 (for CUDA)
@@ -186,6 +188,7 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     seq2seq ones the encoder + decoder-step pair), apply the transforms to every file, check parity after each;
     → (manifest "graph" entry, parity reports)."""
     family = family_named(source.family)
+    fusion = None
     if wants_decoder(source, options):
         log(f"exporting the {family.name} generation graph(s) with KV cache (opset {options.opset})")
         graphs = family.export_generation(source.model, folder, options.opset, length, options.max_length)
@@ -196,13 +199,21 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
         paths = [path]
         wrapper = PromptedFeatures(source.model, source.adapter)
         vocab = source.backbone["vocab_size"]
+        fusion = features_fusion(source, options)
         log(f"exporting the {family.name} graph (opset {options.opset})")
-        export_graph(wrapper, path, length, dim, vocab, options.opset)
+        with traced_attention(source.model, fusion.attn_implementation if fusion else None):
+            export_graph(wrapper, path, length, dim, vocab, options.opset)
         report = lambda dtype=np.float32: parity_report(wrapper, path, length, dim, vocab, options.max_length, dtype)  # noqa: E731
         entry = {"kind": fmt.FEATURES_KIND, "file": path.name,
                  "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()}, "outputs": list(fmt.GRAPH_OUTPUTS)}
     parity = {"fp32": check_parity(report(), options.tolerance)}
     transforms = {}
+    if fusion is not None:
+        log(f"fusing transformer ops ({fusion.ort_model_type}, traced with {fusion.attn_implementation} attention)")
+        transforms["fuse"], fused_parity = _fuse(path, fusion, source.backbone.get("num_heads") or 0, dim, report,
+                                                 options.tolerance, log)
+        if fused_parity is not None:
+            parity["fused"] = fused_parity
     if options.optimize:
         log("optimizing with onnxruntime")
         for path in paths:
@@ -220,6 +231,40 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
             _replace(path, lambda dst: transform.to_fp16(path, dst))
         parity["fp16"] = report(np.float16)  # reported: fp16 rounding is expected
     return {**entry, "opset": options.opset, "dtype": options.dtype, **transforms}, parity
+
+
+def features_fusion(source: BundleSource, options: ExportOptions):
+    """The family's `FeaturesFusion` when this export gets it (asked for, and an fp32 graph that is not quantized:
+    int8 recipes and fp16 start from the plain traced graph), else None."""
+    if not options.fuse or options.quantize or options.dtype != "fp32":
+        return None
+    return family_named(source.family).features_fusion
+
+
+def _fuse(path: Path, fusion, num_heads: int, hidden: int, report, tolerance: float, log) -> tuple[dict, dict | None]:
+    """Replace the features graph at `path` by its fused rewrite when that keeps fp32 parity; otherwise keep the
+    traced graph (parity already checked) and say why. → (manifest "fuse" entry, parity of the fused graph or None)."""
+    staged = path.with_name(f"fused-{path.name}")
+    original = path.with_name(f"traced-{path.name}")
+    try:
+        info = transform.fuse(path, staged, fusion.ort_model_type, num_heads, hidden)
+    except Exception as err:  # noqa: BLE001 (onnxruntime's optimizer is best effort: any failure keeps the traced graph)
+        staged.unlink(missing_ok=True)
+        log(f"  fusion failed, keeping the traced graph: {type(err).__name__}: {err}")
+        return {"applied": False, "reason": f"{type(err).__name__}: {err}"[:500]}, None
+    entry = {"applied": True, "attention": fusion.attn_implementation, **info}
+    os.replace(path, original)
+    os.replace(staged, path)
+    try:
+        parity = check_parity(report(), tolerance)
+    except ParityError as err:
+        os.replace(original, path)
+        log(f"  the fused graph misses parity, keeping the traced graph: {err}")
+        return {**entry, "applied": False, "reason": str(err)[:500]}, None
+    original.unlink()
+    log(f"  fused: {', '.join(f'{op} × {n}' for op, n in info['fused_ops'].items()) or 'nothing matched'} "
+        f"({info['nodes_before']} → {info['nodes_after']} nodes)")
+    return entry, parity
 
 
 def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:

@@ -10,6 +10,8 @@ The forward is the family adapter's, the same code training runs.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +57,21 @@ def export_graph(wrapper: PromptedFeatures, path: Path, prompt_length: int, hidd
         torch.onnx.export(wrapper.eval(), example, str(path), input_names=list(fmt.GRAPH_INPUTS),
                           output_names=list(fmt.GRAPH_OUTPUTS), dynamic_axes=dynamic, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
+
+
+@contextmanager
+def traced_attention(model: nn.Module, implementation: str | None) -> Iterator[None]:
+    """Within the block the model runs transformers' `implementation` of attention ("eager", "sdpa"; None: its
+    own); its own is restored after, even when the block fails."""
+    own = getattr(model.config, "_attn_implementation", None)
+    if implementation is None or implementation == own:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
 
 
 def eos_token_ids(model: nn.Module) -> list[int]:

@@ -1,4 +1,5 @@
-"""Graph transforms after export: onnxruntime offline optimization, dynamic int8 quantization, fp16.
+"""Graph transforms after export: fused transformer ops, onnxruntime offline optimization, dynamic int8
+quantization, fp16.
 
 Each takes a graph file and writes another; parity is checked by the caller.
 """
@@ -6,6 +7,7 @@ Each takes a graph file and writes another; parity is checked by the caller.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -22,6 +24,31 @@ INT8_RECIPES = {
     "int8-mixed": (False, r"down_proj|mlp[/.]c_proj|output/dense|output\.dense|DenseReluDense[/.]wo"),
 }
 DTYPES = ("fp32", "fp16")
+
+
+def op_counts(graph: Path) -> Counter:
+    """How many nodes of each op type the graph holds ("com.microsoft:Attention" for contrib ops)."""
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    return Counter(f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in nodes)
+
+
+def fuse(src: Path, dst: Path, model_type: str, num_heads: int = 0, hidden_size: int = 0) -> dict:
+    """onnxruntime.transformers' fusions (Attention, SkipLayerNormalization, BiasGelu, ... as com.microsoft contrib
+    ops) written as a plain ONNX file; no onnxruntime session optimizations are baked in (portable). The attention
+    mask stays the raw 2D mask (`use_raw_attention_mask`): exact for any mask, where onnxruntime's BERT default
+    (one end index per row) assumes right padding. num_heads / hidden_size 0: detected from the graph.
+    → {model_type, nodes before and after, fused contrib ops and their counts}."""
+    from onnxruntime.transformers import optimizer   # imports its modules top-level (fusion_options, onnx_model, ...)
+
+    options = optimizer.FusionOptions(model_type)     # the class optimize_model knows (not a second import of it)
+    options.use_raw_attention_mask(True)
+    model = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                                     optimization_options=options, opt_level=0)
+    model.save_model_to_file(str(dst))
+    before, after = op_counts(src), op_counts(dst)
+    fused = {op.split(":", 1)[1]: n for op, n in sorted(after.items()) if op.startswith("com.microsoft:")}
+    return {"model_type": model_type, "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+            "fused_ops": fused}
 
 
 def optimize(src: Path, dst: Path) -> None:

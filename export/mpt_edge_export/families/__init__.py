@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mpt_edge.errors import UnsupportedBackboneError
 from mpt_edge_export.families import causal, encoder, seq2seq
-from mpt_edge_export.families.family import Family, GenerationGraphs
+from mpt_edge_export.families.family import FeaturesFusion, Family, GenerationGraphs
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (causal.FAMILY, encoder.FAMILY, seq2seq.FAMILY)}
 
@@ -34,5 +34,5 @@ def adapter_for(name: str, **options):
     """The adapter of the family called `name`; options go to the adapter's constructor (tests and benches)."""
     return family_named(name).adapter_class(**options)
 
-__all__ = ["FAMILIES", "Family", "GenerationGraphs", "UnsupportedBackboneError", "adapter_for", "family_for_model_type",
+__all__ = ["FAMILIES", "Family", "FeaturesFusion", "GenerationGraphs", "UnsupportedBackboneError", "adapter_for", "family_for_model_type",
            "family_named"]

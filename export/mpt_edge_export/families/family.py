@@ -22,6 +22,18 @@ class GenerationGraphs:
 
 
 @dataclass(frozen=True)
+class FeaturesFusion:
+    """How a family's fp32 features graph gets onnxruntime's fused transformer ops (Attention,
+    SkipLayerNormalization, BiasGelu, ...): traced with transformers' `attn_implementation` (the attention whose
+    ONNX pattern onnxruntime's fusions recognise; SDPA exports do not match them), then rewritten by
+    `onnxruntime.transformers.optimizer` for its `ort_model_type`. The model's own attention is restored after
+    the trace, and parity against it is checked before and after the rewrite."""
+
+    attn_implementation: str      # e.g. "eager"
+    ort_model_type: str           # onnxruntime.transformers.optimizer model_type, e.g. "bert"
+
+
+@dataclass(frozen=True)
 class Family:
     """One backbone family.
 
@@ -38,6 +50,7 @@ class Family:
     adapter_class: type
     training_options: dict = field(default_factory=dict, hash=False)   # adapter options when training
     export_generation: Callable[..., GenerationGraphs] | None = None
+    features_fusion: FeaturesFusion | None = None   # fused onnxruntime ops for its fp32 features graph, if any
 
     def __post_init__(self):
         if not self.name or not self.model_types:
