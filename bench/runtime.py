@@ -139,7 +139,7 @@ def measure_speed(engines: dict, wrapper, test_texts: list[str], args) -> dict:
             texts = [tok.decode(row[:max(1, seq - frame)].tolist()) for row in ids]
             requests = [(TASK, t) for t in texts]
             variants = {"eager": lambda: wrapper(*tensors)}
-            variants |= {k: (lambda e=e: e.session.features(ids, mask, prompts)) for k, e in engines.items()}
+            variants |= {k: (lambda e=e: e.model.runner.graph.features(ids, mask, prompts)) for k, e in engines.items()}
             variants["fp32 run"] = lambda: fp32.run(requests)
             with torch.no_grad():
                 times = side_by_side(variants, args)
