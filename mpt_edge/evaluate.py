@@ -11,6 +11,7 @@ from mpt_edge.batching import EncodedTask, encode_tasks, eos_id, sequential_batc
 from mpt_edge.errors import ConfigError, DataError
 from mpt_edge.scoring import Classifier
 from mpt_edge.methods.building_blocks import classifier_for
+from mpt_edge_export.families import FAMILIES
 
 
 def macro_f1(predicted: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
@@ -116,8 +117,9 @@ def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: i
 def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """A verbalizer family's backbone without any prompt: verbalizer scoring of the template alone."""
     if backbone.family.uses_heads:
-        raise ConfigError(f"zero-shot needs a backbone that scores verbalizers; {backbone.family.name} heads must be "
-                          "trained: use `mpt-edge train target --method head`")
+        scoring = " or ".join(f.name for f in FAMILIES.values() if not f.uses_heads)
+        raise ConfigError(f"zero-shot needs a {scoring} backbone (verbalizer scoring); {backbone.family.name} heads "
+                          "must be trained: use `mpt-edge train target --method head`")
     classifier = classifier_for(backbone, [t.spec for t in tasks], None)
     return evaluate(classifier, lambda ids: None, encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model)),
                     batch_size)

@@ -272,8 +272,8 @@ def wants_decoder(source: BundleSource, options: ExportOptions) -> bool:
     seq2seq task generates or scores whole verbalizer sequences. They serve classification too (features output)."""
     generates = family_named(source.family).generates
     if options.kv_cache and not generates:
-        raise ExportError(f"--kv-cache needs a backbone family that generates "
-                          f"({', '.join(f.name for f in FAMILIES.values() if f.generates)}); this one is {source.family}")
+        generating = " or ".join(f.name for f in FAMILIES.values() if f.generates)
+        raise ExportError(f"--kv-cache needs a {generating} backbone; this one is {source.family}")
     needs = [t.spec["name"] for t in source.tasks
              if t.spec.get("kind") == "generate" or t.spec.get("verbalizer_tokens") == "all"]
     if options.kv_cache is False and needs:

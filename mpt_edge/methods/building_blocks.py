@@ -15,6 +15,7 @@ from mpt_edge.losses import Totals, batch_task_loss
 from mpt_edge.prompt import MultitaskPrompt
 from mpt_edge.scoring import Classifier, SequenceLabels, VerbalizerScorer
 from mpt_edge.tasks import TaskError
+from mpt_edge_export.families import FAMILIES
 
 
 def choice(kind: type[Enum], value, what: str) -> Enum:
@@ -29,7 +30,8 @@ def classifier_for(backbone, specs, heads: TaskHeads | None, pooling: str = "mea
     """Backbone + its family's training adapter + the family's scorer (a head per task, or verbalizer tokens)."""
     family = backbone.family
     if not family.generates and any(s.kind == "generate" or s.verbalizer_tokens == "all" for s in specs):
-        raise TaskError(f"generate tasks and whole-sequence verbalizers need a backbone family that generates; "
+        generating = " or ".join(f.name for f in FAMILIES.values() if f.generates)
+        raise TaskError(f"generate tasks and whole-sequence verbalizers need a {generating} backbone; "
                         f"{backbone.name!r} is {family.name}")
     if family.uses_heads:
         if heads is None:
