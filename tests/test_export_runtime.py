@@ -131,7 +131,7 @@ def test_add_and_remove_task_without_reloading(exported, tmp_path):
 def test_int8_bundle_loads_and_classifies(backbone, tmp_path):
     trained = trained_checkpoint(backbone, tmp_path, names=("polarity",), rank=1)
     manifest = write_bundle(bundle_source(trained, backbone), tmp_path / "b8", ExportOptions(quantize="int8", max_length=24))
-    assert manifest["graph"]["quantize"]["matmuls"] > 0 and manifest["parity"]["int8"]["min_cosine"] > 0.9
+    assert manifest["graph"]["quantize"]["matmuls"] > 0 and manifest["parity"]["quantized"]["min_cosine"] > 0.9
     engine = mer.load(tmp_path / "b8", device="cpu")
     predictions = engine.classify("polarity", texts_for("polarity"))
     assert len(predictions) == 7 and all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)

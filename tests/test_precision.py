@@ -1,7 +1,7 @@
-"""Reduced precision judged by behaviour: every `--quantize` recipe (all of `transform.INT8_RECIPES`) and
+"""Reduced precision judged by behaviour: every `--quantize` recipe (all of `transform.QUANT_RECIPES`) and
 `--dtype fp16`, exported from a tiny trained checkpoint, must predict like the fp32 bundle on a fixed set of
-inputs, and its graph must hold what the mode says: int8 weights that dequantize to the fp32 ones, fp32 only where
-the recipe keeps it, float16 throughout.
+inputs, and its graph must hold what the mode says: int8 weights that dequantize to the fp32 ones, block-wise
+MatMulNBits weights that dequantize to them, fp32 only where the recipe keeps it, float16 throughout.
 """
 
 from __future__ import annotations
@@ -31,20 +31,30 @@ import mpt_edge_runtime as mer
 from mpt_edge_runtime import format as fmt
 from test_generation import tiny_gpt2_backbone
 
-RECIPES = tuple(transform.INT8_RECIPES)      # every --quantize mode the exporter accepts
+RECIPES = tuple(transform.QUANT_RECIPES)     # every --quantize mode the exporter accepts
+DYNAMIC = tuple(r for r in RECIPES if isinstance(transform.QUANT_RECIPES[r], transform.DynamicInt8))
+WEIGHT_ONLY = tuple(r for r in RECIPES if isinstance(transform.QUANT_RECIPES[r], transform.WeightOnly))
 MODES = (*RECIPES, "fp16")
 TASKS = ("polarity", "topic")
 CFG = TrainConfig(steps=30, batch_size=8, max_length=24, checkpoint_every=30, lr_prompt=0.3)
 INPUTS = {task: [r["text"] for r in synthetic_rows(task, 200, seed=11)] for task in TASKS}   # 400 fixed inputs
 
 # Limits against the fp32 bundle over the 400 inputs: (min share of equal argmax, max |Δp| of any label, mean over
-# inputs of the largest |Δp|). Measured with these fixtures (x86 AVX2, onnxruntime 1.32): int8 recipes agree on
-# 92.2-98.0% with max |Δp| ≤ 0.215 and mean ≤ 0.049 (tiny BERT with plain int8 is the worst); fp16 agrees on 100%
-# with max |Δp| ≤ 0.0036 and mean ≤ 0.0005. The limits leave 1.5-1.6× (int8) and about 3× (fp16) room. Broken
-# modes measured on the same inputs fail them: every int8 weight scale 25% too large (mean |Δp| ≥ 0.097, agreement
-# ≤ 85%), zeroed int8 weights (mean 0.29), per-channel weights whose u8 × s8 products saturate (no reduce_range:
-# agreement 79%), fp16 weights with only bfloat16 precision (max |Δp| 0.013-0.015, mean 0.0028).
-LIMITS = {"int8": (0.90, 0.35, 0.075), "fp16": (0.99, 0.01, 0.0015)}
+# inputs of the largest |Δp|). Measured with these fixtures (x86 AVX2, onnxruntime 1.32): int8 recipes (dynamic
+# and block-wise) agree on 92.2-98.5% with max |Δp| ≤ 0.215 and mean ≤ 0.049 (tiny BERT with plain int8 is the
+# worst); int4 (hidden size 32: one block per column) agrees on 80.0-89.0% with max |Δp| ≤ 0.409 and mean ≤ 0.106;
+# fp16 agrees on 100% with max |Δp| ≤ 0.0036 and mean ≤ 0.0005. The limits leave 1.5-1.6× (int8, int4) and about
+# 3× (fp16) room. Broken modes measured on the same inputs fail them: every int8 weight scale 25% too large (mean
+# |Δp| ≥ 0.097, agreement ≤ 85%), zeroed int8 weights (mean 0.29), per-channel weights whose u8 × s8 products
+# saturate (no reduce_range: agreement 79%), fp16 weights with only bfloat16 precision (max |Δp| 0.013-0.015, mean
+# 0.0028).
+LIMITS = {"int8": (0.90, 0.35, 0.075), "int4": (0.70, 0.62, 0.16), "fp16": (0.99, 0.01, 0.0015)}
+
+
+def limits(mode: str) -> tuple[float, float, float]:
+    spec = transform.QUANT_RECIPES.get(mode)
+    return LIMITS["fp16" if mode == "fp16" else "int4" if getattr(spec, "bits", 8) == 4 else "int8"]
+
 
 # The projections int8-mixed keeps in fp32 (README: the FFN output projections), by node name. BERT's recipe
 # pattern (`output/dense`) also matches each layer's attention/output/dense, so both stay fp32 there.
@@ -98,7 +108,7 @@ def test_reduced_precision_predicts_like_fp32(exported, mode):
         assert (np.bincount(reference[task].argmax(-1)) >= 0.1 * len(INPUTS[task])).sum() >= 2
     agree = np.concatenate([reference[t].argmax(-1) == got[t].argmax(-1) for t in TASKS])
     error = np.concatenate([np.abs(reference[t] - got[t]).max(-1) for t in TASKS])
-    min_agreement, max_error, mean_error = LIMITS["fp16" if mode == "fp16" else "int8"]
+    min_agreement, max_error, mean_error = limits(mode)
     summary = f"{mode}: agreement {agree.mean():.3f}, max |Δp| {error.max():.4f}, mean {error.mean():.4f}"
     assert agree.mean() >= min_agreement and error.max() <= max_error and error.mean() <= mean_error, summary
 
@@ -116,7 +126,7 @@ def check_int8_graph(fp32_graph, int8_graph, recipe: str, ffn_output: str) -> tu
     """Every fp32 weight MatMul is either kept in fp32 (int8-mixed: exactly the FFN output projections) or became
     a MatMulInteger fed by a dynamically quantized activation, whose int8 weight uses the full range of its recipe
     and dequantizes to the fp32 weight within half a step. → (how many were quantized, how many kept)."""
-    per_channel, _ = transform.INT8_RECIPES[recipe]
+    per_channel = transform.QUANT_RECIPES[recipe].per_channel
     qmax = 64 if per_channel else 127          # per-channel weights are 7-bit (reduce_range): no u8 × s8 saturation
     originals = weight_matmuls(fp32_graph)
     kept = {name for name in originals if recipe == "int8-mixed" and re.search(ffn_output, name)}
@@ -142,14 +152,56 @@ def check_int8_graph(fp32_graph, int8_graph, recipe: str, ffn_output: str) -> tu
     return len(quantized), len(kept)
 
 
+def check_weight_only_graph(fp32_graph, quantized_graph, recipe: str) -> int:
+    """Every fp32 weight MatMul became a MatMulNBits writing the same output, with the recipe's bits, block size and
+    accuracy level, whose blocks dequantize to the fp32 weight (within half a step, one at the clipped end) and use
+    the full signed range
+    (a scale too large would not). → how many were quantized."""
+    spec = transform.QUANT_RECIPES[recipe]
+    originals = {n.output[0]: w for n in fp32_graph.node if n.op_type == "MatMul"
+                 for w in [weight_matmuls(fp32_graph).get(n.name)] if w is not None}
+    assert not weight_matmuls(quantized_graph), "weight MatMuls left in fp32"
+    init = {t.name: numpy_helper.to_array(t) for t in quantized_graph.initializer}
+    nodes = {n.output[0]: n for n in quantized_graph.node if n.op_type == "MatMulNBits"}
+    assert nodes.keys() == originals.keys()
+    half = 1 << (spec.bits - 1)
+    for output, weight in originals.items():
+        node = nodes[output]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (spec.bits, spec.block_size,
+                                                                                spec.accuracy_level)
+        k, n = weight.shape
+        assert (attrs["K"], attrs["N"]) == (k, n) and len(node.input) == 3, "symmetric: no zero points"
+        packed, scales = init[node.input[1]], init[node.input[2]].reshape(n, -1)   # (N, blocks, bytes), (N, blocks)
+        if spec.bits == 4:   # two values per byte, the low nibble first
+            packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, scales.shape[1], -1)
+        q = packed.reshape(n, scales.shape[1], spec.block_size).astype(np.int32) - half   # zero point 2^(bits-1)
+        padded = np.zeros((n, scales.shape[1] * spec.block_size), np.float64)
+        padded[:, :k] = weight.T
+        blocks = padded.reshape(n, scales.shape[1], spec.block_size)
+        # the scale is the block's largest-magnitude value / -2^(bits-1), so that value maps to -2^(bits-1) exactly
+        # and a value of opposite sign near it clips at 2^(bits-1) - 1: up to a whole step off there, half elsewhere
+        step = np.abs(scales)[..., None]
+        bound = np.where(q == half - 1, step, step / 2) * (1 + 1e-5) + 1e-12
+        assert (np.abs(q * scales[..., None] - blocks) <= bound).all(), f"{output}: blocks do not dequantize"
+        reach = np.abs(q).max(-1)
+        assert (reach[np.abs(blocks).max(-1) > 0] >= half - 1).all(), f"{output}: blocks do not use their range"
+    return len(nodes)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_int8_bundle_graph_holds_the_recipe(exported, recipe):
+def test_quantized_bundle_graph_holds_the_recipe(exported, recipe):
     name, bundles = exported
     graph = lambda mode: onnx.load(str(bundles[mode][0] / fmt.GRAPH)).graph   # noqa: E731
+    info = bundles[recipe][1]["graph"]["quantize"]
+    if recipe in WEIGHT_ONLY:
+        quantized = check_weight_only_graph(graph("fp32"), graph(recipe), recipe)
+        assert quantized > 0 and info["quantized"] == quantized and info["kept_fp32"] == 0
+        return
     quantized, kept = check_int8_graph(graph("fp32"), graph(recipe), recipe, FFN_OUTPUT[name])
     assert quantized > 0 and (kept > 0) == (recipe == "int8-mixed")
-    info = bundles[recipe][1]["graph"]["quantize"]
-    assert (info["recipe"], info["per_channel"], info["kept_fp32"]) == (recipe, transform.INT8_RECIPES[recipe][0], kept)
+    per_channel = transform.QUANT_RECIPES[recipe].per_channel
+    assert (info["recipe"], info["per_channel"], info["kept_fp32"]) == (recipe, per_channel, kept)
 
 
 def test_fp16_bundle_graph_is_float16_throughout(exported):
@@ -175,14 +227,14 @@ def other_graphs(tmp_path_factory):
                  len(VOCAB), 17)
     export_seq2seq(tiny_t5_backbone().model, folder / "t5-encoder.onnx", folder / "t5-decoder.onnx", 17)
     export_decoder(tiny_llama_backbone().model, folder / "llama-decoder.onnx")
-    plan = {"gpt2": (["gpt2.onnx"], RECIPES), "t5": (["t5-encoder.onnx", "t5-decoder.onnx"], ["int8-mixed"]),
+    plan = {"gpt2": (["gpt2.onnx"], DYNAMIC), "t5": (["t5-encoder.onnx", "t5-decoder.onnx"], ["int8-mixed"]),
             "llama": (["llama-decoder.onnx"], ["int8-mixed"])}
     graphs = {}
     for family, (names, recipes) in plan.items():
         graphs[family] = []
         for name in names:
             for recipe in recipes:
-                transform.quantize_int8(folder / name, folder / f"{recipe}-{name}", recipe)
+                transform.quantize(folder / name, folder / f"{recipe}-{name}", recipe)
             graphs[family].append((folder / name, {recipe: folder / f"{recipe}-{name}" for recipe in recipes}))
     return graphs
 

@@ -44,7 +44,7 @@ class ExportOptions:
     fuse: bool = True             # fp32 features graph of a family with `features_fusion`: onnxruntime's fused
                                   # transformer ops (Attention, SkipLayerNormalization, BiasGelu), parity checked
     optimize: bool = False        # onnxruntime extended graph optimizations, saved offline
-    quantize: str | None = None   # an int8 recipe of transform.INT8_RECIPES
+    quantize: str | None = None   # a recipe of transform.QUANT_RECIPES (int8, int4, ...)
     dtype: str = "fp32"           # fp32, or fp16 (for CUDA)
     opset: int = DEFAULT_OPSET
     tolerance: float = 1e-3       # fp32 parity: max |onnx − torch| / max(|torch|, 1)
@@ -54,12 +54,12 @@ class ExportOptions:
                                   # None = when a task generates or scores whole verbalizer sequences
 
     def __post_init__(self):
-        if self.quantize is not None and self.quantize not in transform.INT8_RECIPES:
-            raise ExportError(f"--quantize {self.quantize!r} is not one of {', '.join(transform.INT8_RECIPES)}")
+        if self.quantize is not None and self.quantize not in transform.QUANT_RECIPES:
+            raise ExportError(f"--quantize {self.quantize!r} is not one of {', '.join(transform.QUANT_RECIPES)}")
         if self.dtype not in transform.DTYPES:
             raise ExportError(f"--dtype {self.dtype!r} is not one of {', '.join(transform.DTYPES)}")
         if self.quantize and self.dtype != "fp32":
-            raise ExportError("int8 quantization is for CPU and fp16 for CUDA: choose one of --quantize / --dtype fp16")
+            raise ExportError("--quantize is for CPU and fp16 for CUDA: choose one of --quantize / --dtype fp16")
 
 
 @dataclass
@@ -223,8 +223,8 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     if options.quantize:
         log(f"quantizing ({options.quantize})")
         for path in paths:
-            transforms["quantize"] = _replace(path, lambda dst: transform.quantize_int8(path, dst, options.quantize))
-        parity["int8"] = report()  # reported, not enforced: int8 is approximate by design
+            transforms["quantize"] = _replace(path, lambda dst: transform.quantize(path, dst, options.quantize))
+        parity["quantized"] = report()  # reported, not enforced: quantization is approximate by design
     if options.dtype == "fp16":
         log("converting to fp16")
         for path in paths:
@@ -235,7 +235,7 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
 
 def features_fusion(source: BundleSource, options: ExportOptions):
     """The family's `FeaturesFusion` when this export gets it (asked for, and an fp32 graph that is not quantized:
-    int8 recipes and fp16 start from the plain traced graph), else None."""
+    quantized graphs and fp16 start from the plain traced graph), else None."""
     if not options.fuse or options.quantize or options.dtype != "fp32":
         return None
     return family_named(source.family).features_fusion

@@ -1,13 +1,15 @@
-"""Graph transforms after export: fused transformer ops, onnxruntime offline optimization, dynamic int8
-quantization, fp16.
+"""Graph transforms after export: fused transformer ops, onnxruntime offline optimization, quantization
+(dynamic int8, or block-wise weight-only int4 / int8 as MatMulNBits), fp16.
 
 Each takes a graph file and writes another; parity is checked by the caller.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -15,13 +17,49 @@ import onnxruntime as ort
 
 from mpt_edge.errors import ExportError
 
-# name → (per-channel weights, regex of MatMul node names kept in fp32)
-INT8_RECIPES = {
-    "int8": (False, None),                           # every MatMul, per-tensor: fastest, least accurate
-    "int8-per-channel": (True, None),                # every MatMul, per-channel weights
-    # FFN output projections in fp32 (Llama-style down_proj, GPT-2 mlp.c_proj, T5 wo; BERT's output.dense
-    # pattern also matches its attention.output.dense)
-    "int8-mixed": (False, r"down_proj|mlp[/.]c_proj|output/dense|output\.dense|DenseReluDense[/.]wo"),
+# the FFN output projections (Llama-style down_proj, GPT-2 mlp.c_proj, T5 wo; BERT's output.dense pattern also
+# matches its attention.output.dense), the MatMuls most sensitive to int8 activations
+FFN_OUTPUT = r"down_proj|mlp[/.]c_proj|output/dense|output\.dense|DenseReluDense[/.]wo"
+
+
+@dataclass(frozen=True)
+class DynamicInt8:
+    """onnxruntime's dynamic quantization: int8 MatMul weights (per tensor or per output channel), activations
+    quantized per call (DynamicQuantizeLinear + MatMulInteger); MatMuls whose name matches `keep_fp32` stay fp32."""
+
+    per_channel: bool = False
+    keep_fp32: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """Block-wise weight-only quantization (MatMulNBits): `bits`-bit weights with one fp32 scale per `block_size`
+    input rows of each column; activations stay fp32. `accuracy_level` 4 lets the CPU kernel quantize activations
+    to int8 per block and compute in int8 (VNNI / AMX / AVX2 paths); 1 dequantizes the weights and computes in
+    fp32. MatMuls whose name matches `keep_fp32` stay fp32."""
+
+    bits: int = 4
+    block_size: int = 32
+    accuracy_level: int = 4
+    symmetric: bool = True
+    keep_fp32: str | None = None
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ExportError(f"weight-only quantization takes 4 or 8 bits, not {self.bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"block_size must be a power of two >= 16, not {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"accuracy_level is 0 to 4 (onnxruntime's MatMulNBits), not {self.accuracy_level}")
+
+
+QUANT_RECIPES: dict[str, DynamicInt8 | WeightOnly] = {
+    "int8": DynamicInt8(),                            # every MatMul, per-tensor: fast, least accurate
+    "int8-per-channel": DynamicInt8(per_channel=True),
+    "int8-mixed": DynamicInt8(keep_fp32=FFN_OUTPUT),  # FFN output projections in fp32
+    "int4": WeightOnly(bits=4),                       # onnxruntime-genai's CPU default: block 32, int8 compute
+    "int4-fp32": WeightOnly(bits=4, accuracy_level=1),  # int4 weights, fp32 compute
+    "int8-block": WeightOnly(bits=8),                 # 8-bit blocks, int8 compute
 }
 DTYPES = ("fp32", "fp16")
 
@@ -59,25 +97,60 @@ def optimize(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def quantize_int8(src: Path, dst: Path, recipe: str = "int8") -> dict:
-    """Dynamic int8 quantization of MatMul weights (CPU); returns what was quantized and what was kept."""
+def quantize(src: Path, dst: Path, recipe: str) -> dict:
+    """`src` quantized by the named recipe of QUANT_RECIPES into `dst`; returns what was quantized and kept."""
+    if recipe not in QUANT_RECIPES:
+        raise ExportError(f"quantization recipe {recipe!r} is not one of {', '.join(QUANT_RECIPES)}")
+    spec = QUANT_RECIPES[recipe]
+    matmuls = weight_matmul_names(src)
+    kept = [n for n in matmuls if spec.keep_fp32 and re.search(spec.keep_fp32, n)]
+    method = _weight_only if isinstance(spec, WeightOnly) else _dynamic_int8
+    return {"recipe": recipe, **method(src, dst, spec, kept), "matmuls": len(matmuls), "kept_fp32": len(kept)}
+
+
+def weight_matmul_names(src: Path) -> list[str]:
+    """Names of the MatMul / Gemm nodes a recipe may quantize; a Gemm (GPT-2's Conv1D) is named as the MatMul
+    onnxruntime's int8 pass rewrites it into, `<name>_MatMul`."""
+    nodes = onnx.load(str(src), load_external_data=False).graph.node
+    return [n.name if n.op_type == "MatMul" else f"{n.name}_MatMul" for n in nodes if n.op_type in ("MatMul", "Gemm")]
+
+
+def _dynamic_int8(src: Path, dst: Path, spec: DynamicInt8, kept: list[str]) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if recipe not in INT8_RECIPES:
-        raise ExportError(f"quantization recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
-    per_channel, keep = INT8_RECIPES[recipe]
-    nodes = onnx.load(str(src), load_external_data=False).graph.node
-    # onnxruntime quantizes a weight Gemm (GPT-2's Conv1D) as the MatMul it rewrites it into, `<name>_MatMul`
-    matmuls = [n.name if n.op_type == "MatMul" else f"{n.name}_MatMul" for n in nodes
-               if n.op_type in ("MatMul", "Gemm")]
-    excluded = [n for n in matmuls if keep and re.search(keep, n)]
     # per-channel weights fill [-127, 127] in every column, where u8 × s8 products saturate int16 on x86 CPUs
     # without VNNI (AVX2, AVX-512 before Cascade Lake): 7-bit weights there, as onnxruntime advises
-    reduce_range = per_channel
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                     reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
-    return {"recipe": recipe, "per_channel": per_channel, "reduce_range": reduce_range, "matmuls": len(matmuls),
-            "kept_fp32": len(excluded)}
+    reduce_range = spec.per_channel
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=spec.per_channel,
+                     reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
+    return {"method": "dynamic-int8", "per_channel": spec.per_channel, "reduce_range": reduce_range}
+
+
+def _weight_only(src: Path, dst: Path, spec: WeightOnly, kept: list[str]) -> dict:
+    """MatMulNBits for every MatMul with a 2D constant weight (a Gemm is left in fp32)."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    except ImportError as err:   # onnxruntime's quantizer needs onnx-ir, which the `train` extra installs
+        raise ExportError(f"weight-only quantization needs onnxruntime's MatMulNBits quantizer ({err}): "
+                          'pip install "mpt-edge[train]" (or pip install onnx-ir)') from None
+
+    config = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                          accuracy_level=spec.accuracy_level, bits=spec.bits,
+                                          op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=spec.bits, block_size=spec.block_size,
+                                     is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
+                                     nodes_to_exclude=kept, algo_config=config)
+    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")   # a line per node at INFO
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        chatty.setLevel(level)
+    onnx.save(quantizer.model.model, str(dst))
+    return {"method": "weight-only", "bits": spec.bits, "block_size": spec.block_size,
+            "accuracy_level": spec.accuracy_level, "symmetric": spec.symmetric,
+            "quantized": op_counts(dst).get("com.microsoft:MatMulNBits", 0)}
 
 
 def to_fp16(src: Path, dst: Path) -> None:

@@ -26,13 +26,13 @@ def export_command(
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
     config: Config = None, backbone: CheckpointBackbone = None,
     optimize: Annotated[bool, typer.Option(help="onnxruntime graph optimizations, saved in the graph.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="Dynamic int8 for CPU: int8, int8-per-channel, int8-mixed.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="For CPU: int4, int8-block (weight-only MatMulNBits) or int8, int8-per-channel, int8-mixed (dynamic); see docs/performance.md.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
     kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal and seq2seq: export the generation graph(s) with KV cache instead of the features graph; they serve classify too. Default: when a task generates or scores whole verbalizer sequences.")] = None,
     data: DataDir = None,
-    eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare int8 with fp32 (0: skip).")] = 200,
+    eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare the quantized bundle with fp32 (0: skip).")] = 200,
 ):
     """Export a checkpoint to a bundle: backbone graph (prompt as input), tokenizer, factors, tasks, manifest.
 
@@ -59,14 +59,15 @@ def export_command(
                f"{manifest['files'][graph['file']][:12]}…, fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e} "
                f"over {len(parity['fp32']['cases'])} shapes")
     if quantize:
-        typer.echo(f"int8 ({quantize}) vs PyTorch: max abs diff {parity['int8']['max_abs_diff']:.3g}"
-                   + (f", features min cosine {parity['int8']['min_cosine']:.4f}" if "min_cosine" in parity["int8"] else ""))
+        quantized = parity["quantized"]
+        typer.echo(f"{quantize} vs PyTorch: max abs diff {quantized['max_abs_diff']:.3g}"
+                   + (f", features min cosine {quantized['min_cosine']:.4f}" if "min_cosine" in quantized else ""))
         if eval_limit > 0:
             _compare_quantized(bb, trained, out, manifest, data_dir(data), eval_limit)
 
 
 def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Path, limit: int) -> None:
-    """Dev accuracy of the int8 bundle vs the fp32 PyTorch model; recorded in the manifest (not hashed)."""
+    """Dev accuracy of the quantized bundle vs the fp32 PyTorch model; recorded in the manifest (not hashed)."""
     import mpt_edge_runtime as mer
     from mpt_edge.atomic import write_text_atomic
     from mpt_edge.datasets import load_split
@@ -79,15 +80,15 @@ def _compare_quantized(backbone, trained, bundle: Path, manifest: dict, data: Pa
     try:
         dev = load_split(names, data, "dev", limit=limit)
     except TaskError as err:
-        typer.echo(f"note: no dev split to compare int8 with fp32 ({err})", err=True)
+        typer.echo(f"note: no dev split to compare the quantized bundle with fp32 ({err})", err=True)
         return
     fp32 = evaluate_trained(backbone, trained, dev, max_length=trained.meta.max_length)
     engine = mer.load(bundle, device="cpu")
     report = {}
     for task in dev:
         accuracy = evaluate_engine(engine, task)[0]["accuracy"]
-        report[task.spec.name] = {"fp32": fp32[task.spec.name]["accuracy"], "int8": accuracy, "n": len(task)}
-        typer.echo(f"{task.spec.name}: dev accuracy fp32 {report[task.spec.name]['fp32']:.4f} → int8 {accuracy:.4f} "
+        report[task.spec.name] = {"fp32": fp32[task.spec.name]["accuracy"], "quantized": accuracy, "n": len(task)}
+        typer.echo(f"{task.spec.name}: dev accuracy fp32 {report[task.spec.name]['fp32']:.4f} → quantized {accuracy:.4f} "
                    f"({100 * (accuracy - report[task.spec.name]['fp32']):+.1f} points, {len(task)} examples)")
     manifest["quantization_dev_accuracy"] = report
     write_text_atomic(bundle / "manifest.json", json.dumps(manifest, indent=2) + "\n")
