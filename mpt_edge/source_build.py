@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,21 +184,34 @@ def _wall(work: Path) -> dict[str, float]:
 
 
 class _timed:
-    """Adds the wall seconds of a stage call to work/wall.json when the call returns (an interrupted call's time
-    is lost, so the record is a lower bound after interruptions; processes sharing a build each add theirs, so
-    "total" is compute time, not elapsed time)."""
+    """Adds the wall seconds of a stage call to work/wall.json, every `every` seconds while it runs and when it
+    returns, so a killed call loses at most its last `every` seconds (a build spans sessions). Processes sharing a
+    build each add theirs, so "total" is compute time, not elapsed time."""
 
-    def __init__(self, work: Path, key: str):
-        self.work, self.key = work, key
+    def __init__(self, work: Path, key: str, every: float = 60.0):
+        self.work, self.key, self.every = work, key, every
+        self.stop = threading.Event()
 
     def __enter__(self):
-        self.start = time.perf_counter()
+        self.counted = time.perf_counter()
+        self.ticker = threading.Thread(target=self._tick, daemon=True, name="mpt-edge-wall")
+        self.ticker.start()
 
     def __exit__(self, kind, value, traceback):
-        if kind is None:
-            with claimed(self.work / "wall.lock", wait=True):  # processes sharing the build add their own times
-                wall = _wall(self.work)
-                wall[self.key] = round(wall.get(self.key, 0.0) + time.perf_counter() - self.start, 1)
-                wall["total"] = round(sum(v for k, v in wall.items() if k != "total"), 1)
-                write_text_atomic(self.work / "wall.json", json.dumps(wall, indent=2) + "\n")
+        self.stop.set()
+        self.ticker.join()
+        self._add()
         return False
+
+    def _tick(self) -> None:
+        while not self.stop.wait(self.every):
+            self._add()
+
+    def _add(self) -> None:
+        now = time.perf_counter()
+        with claimed(self.work / "wall.lock", wait=True):  # processes sharing the build add their own times
+            wall = _wall(self.work)
+            wall[self.key] = round(wall.get(self.key, 0.0) + now - self.counted, 1)
+            wall["total"] = round(sum(v for k, v in wall.items() if k != "total"), 1)
+            write_text_atomic(self.work / "wall.json", json.dumps(wall, indent=2) + "\n")
+        self.counted = now

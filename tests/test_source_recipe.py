@@ -178,3 +178,19 @@ def test_source_stage_scores_the_worst_or_the_mean_gap():
     mean, _ = gap_score(accuracy, teachers, "mean")
     assert worst == pytest.approx(-0.10) and mean == pytest.approx(-0.05 / 3)
     assert details["gap"] == pytest.approx({"a": 0.05, "b": -0.10, "c": 0.0})
+
+
+def test_stage_wall_time_is_recorded_while_the_stage_runs(tmp_path):
+    """A build spans sessions and a killed stage never returns: its time reaches wall.json while it runs."""
+    import time
+
+    from mpt_edge.source_build import _timed
+
+    timer = _timed(tmp_path, "source", every=0.05)
+    with timer:
+        deadline = time.monotonic() + 5
+        while not (tmp_path / "wall.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        during = json.loads((tmp_path / "wall.json").read_text())
+    after = json.loads((tmp_path / "wall.json").read_text())
+    assert 0 < during["source"] <= after["source"] == after["total"]
