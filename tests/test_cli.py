@@ -67,6 +67,23 @@ def test_full_pipeline_from_the_command_line(workspace):
     assert result.exit_code == 1 and "--overwrite" in result.output
 
 
+def test_quantized_export_reports_its_dev_accuracy_from_the_command_line(workspace, tmp_path):
+    result = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt",
+                    *common(workspace), *FAST)
+    assert result.exit_code == 0, result.output
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "bundle", "--quantize", "int8-block",
+                    *common(workspace), "--eval-limit", "16")
+    assert result.exit_code == 0, result.output
+    assert "int8-block vs PyTorch: max abs diff" in result.output and "mood: dev accuracy fp32" in result.output
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["graph"]["quantize"]["recipe"] == "int8-block" and manifest["graph"]["quantize"]["quantized"] > 0
+    assert set(manifest["quantization_dev_accuracy"]["mood"]) == {"fp32", "quantized", "n"}
+    result = invoke("inspect", tmp_path / "bundle")
+    assert result.exit_code == 0 and "parity quantized" in result.stdout
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "other", "--quantize", "int3", *common(workspace))
+    assert result.exit_code == 1 and "--quantize 'int3' is not one of int8, " in result.output
+
+
 def test_early_stopping_on_dev_from_the_command_line(workspace, tmp_path):
     result = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt", "--eval-every", "2",
                     *common(workspace), *FAST)
