@@ -48,6 +48,17 @@ def tiny_llama_backbone() -> Backbone:
     return Backbone("tiny-llama", "causal", model, make_tokenizer(bert=False), None)
 
 
+def tiny_gqa_llama(**overrides) -> Backbone:
+    """Head dim 16 (GroupQueryAttention needs a multiple of 16), 4 query heads over 2 KV heads, tied LM head."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{"vocab_size": len(VOCAB), "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                            "pad_token_id": 0, "initializer_range": 0.3, "tie_word_embeddings": True,
+                            "rope_theta": 500.0, **overrides})
+    return Backbone("tiny-gqa-llama", "causal", LlamaForCausalLM(config).eval().requires_grad_(False),
+                    make_tokenizer(bert=False), None)
+
+
 def tiny_bert_backbone() -> Backbone:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

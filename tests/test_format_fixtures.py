@@ -19,7 +19,7 @@ from mpt_edge_runtime.manifest import Manifest
 FIXTURES = Path(__file__).parent / "fixtures" / "bundles"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 BUNDLES = sorted(EXPECTED["bundles"])
-VERSIONS = {"v1-features": 1, "v2-decoder": 2, "v2-features": 2}
+VERSIONS = {"v1-features": 1, "v2-decoder": 2, "v2-features": 2, "v3-decoder-fused": 3}
 
 
 def test_the_fixtures_cover_every_readable_version_and_stay_small():
@@ -75,14 +75,14 @@ def _copy_with(tmp_path: Path, change) -> Path:
 def test_a_bundle_of_a_future_version_is_refused_with_the_upgrade_to_make(tmp_path):
     folder = _copy_with(tmp_path, lambda m: m.update(format_version=99))
     with pytest.raises(mer.BundleError, match=r"format_version 99 is not supported: the bundle was written by a newer "
-                                              r"mpt-edge.*reads versions 1, 2; upgrade mpt-edge-runtime"):
+                                              r"mpt-edge.*reads versions 1, 2, 3; upgrade mpt-edge-runtime"):
         mer.load(folder, device="cpu")
 
 
 @pytest.mark.parametrize("version", [0, "2", 2.5, True, None])
 def test_a_version_that_was_never_written_is_refused(tmp_path, version):
     folder = _copy_with(tmp_path, lambda m: m.update(format_version=version))
-    with pytest.raises(mer.BundleError, match=rf"format_version {version!r} is not supported \(this runtime reads 1, 2\)"):
+    with pytest.raises(mer.BundleError, match=rf"format_version {version!r} is not supported \(this runtime reads 1, 2, 3\)"):
         mer.load(folder, device="cpu")
 
 

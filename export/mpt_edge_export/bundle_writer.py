@@ -41,8 +41,10 @@ class ExportTask:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    fuse: bool = True             # fp32 features graph of a family with `features_fusion`: onnxruntime's fused
-                                  # transformer ops (Attention, SkipLayerNormalization, BiasGelu), parity checked
+    fuse: bool = True             # onnxruntime's fused transformer ops, parity checked (else the traced graph):
+                                  # fp32 features graph of a family with `features_fusion` (Attention,
+                                  # SkipLayerNormalization, BiasGelu); fp32 or quantized causal generation graph of
+                                  # a Llama-like backbone (GroupQueryAttention, MatMulNBits with --quantize int4)
     optimize: bool = False        # onnxruntime extended graph optimizations, saved offline
     quantize: str | None = None   # a recipe of transform.QUANT_RECIPES (int8, int4, ...)
     dtype: str = "fp32"           # fp32, or fp16 (for CUDA)
@@ -191,7 +193,7 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     fusion = None
     if wants_decoder(source, options):
         log(f"exporting the {family.name} generation graph(s) with KV cache (opset {options.opset})")
-        graphs = family.export_generation(source.model, folder, options.opset, length, options.max_length)
+        graphs, fp32_parity = _generation_graphs(source, folder, options, length, log)
         paths, entry = graphs.paths, graphs.entry
         report = lambda dtype=np.float32: graphs.report(dtype)  # noqa: E731
     else:
@@ -204,9 +206,10 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
         with traced_attention(source.model, fusion.attn_implementation if fusion else None):
             export_graph(wrapper, path, length, dim, vocab, options.opset)
         report = lambda dtype=np.float32: parity_report(wrapper, path, length, dim, vocab, options.max_length, dtype)  # noqa: E731
+        fp32_parity = check_parity(report(), options.tolerance)
         entry = {"kind": fmt.FEATURES_KIND, "file": path.name,
                  "inputs": {k: list(v.values()) for k, v in fmt.GRAPH_INPUTS.items()}, "outputs": list(fmt.GRAPH_OUTPUTS)}
-    parity = {"fp32": check_parity(report(), options.tolerance)}
+    parity = {"fp32": fp32_parity}
     transforms = {}
     if fusion is not None:
         log(f"fusing transformer ops ({fusion.ort_model_type}, traced with {fusion.attn_implementation} attention)")
@@ -231,6 +234,23 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
             _replace(path, lambda dst: transform.to_fp16(path, dst))
         parity["fp16"] = report(np.float16)  # reported: fp16 rounding is expected
     return {**entry, "opset": options.opset, "dtype": options.dtype, **transforms}, parity
+
+
+def _generation_graphs(source: BundleSource, folder: Path, options: ExportOptions, length: int, log):
+    """The family's generation graph(s) and their fp32 parity: fused when asked for (`options.fuse`, not fp16) and
+    the family has a fused form for this model; a fused graph that misses parity is replaced by the traced one."""
+    family = family_named(source.family)
+    fuse = options.fuse and options.dtype == "fp32"
+    graphs = family.export_generation(source.model, folder, options.opset, length, options.max_length, fuse=fuse,
+                                      share_head=not options.quantize)
+    try:
+        return graphs, check_parity(graphs.report(np.float32), options.tolerance)
+    except ParityError as err:
+        if graphs.entry["kind"] != fmt.FUSED_DECODER_KIND:
+            raise
+        log(f"  the fused generation graph misses parity, exporting the traced graph: {err}")
+    graphs = family.export_generation(source.model, folder, options.opset, length, options.max_length, fuse=False)
+    return graphs, check_parity(graphs.report(np.float32), options.tolerance)
 
 
 def features_fusion(source: BundleSource, options: ExportOptions):

@@ -30,6 +30,7 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="onnxruntime's fused ops, parity checked (else the traced graph): encoder attention; for Llama-like backbones the fused generation graph (GroupQueryAttention, onnxruntime >= 1.32 to run it).")] = True,
     kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal and seq2seq: export the generation graph(s) with KV cache instead of the features graph; they serve classify too. Default: when a task generates or scores whole verbalizer sequences.")] = None,
     data: DataDir = None,
     eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare the quantized bundle with fp32 (0: skip).")] = 200,
@@ -46,14 +47,15 @@ def export_command(
     from mpt_edge_runtime import format as fmt
 
     trained = load_trained(checkpoint)
-    options = ExportOptions(optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
+    options = ExportOptions(fuse=fuse, optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
                             max_length=trained.meta.max_length, kv_cache=kv_cache)
     bb = load_backbone(checkpoint_backbone(trained, checkpoint, backbone))
     trained.check_backbone(bb, checkpoint)
     manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
     parity = manifest["parity"]
     graph = manifest["graph"]
-    kind = {fmt.DECODER_KIND: "generation graph with KV cache", fmt.SEQ2SEQ_KIND: "encoder + step-0 graph (with the "
+    kind = {fmt.DECODER_KIND: "generation graph with KV cache",
+            fmt.FUSED_DECODER_KIND: "fused generation graph with KV cache (GroupQueryAttention)", fmt.SEQ2SEQ_KIND: "encoder + step-0 graph (with the "
             "KV-cache step graph decoder.onnx)"}.get(graph.get("kind"), "features graph")   # graph kinds, not families
     typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), {kind} {graph['file']} "
                f"{manifest['files'][graph['file']][:12]}…, fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e} "
@@ -204,8 +206,9 @@ def inspect_command(
     typer.echo(f"graph: opset {g.opset}, {g.dtype}" + (f", {g.quantize['recipe']}" if g.quantize else "")
                + (", optimized" if g.optimize else "") + f"; prompt l={p.length}, {p.groups} shared group(s)")
     typer.echo("files: " + ", ".join(f"{name} {(bundle / name).stat().st_size / 1e6:.2f} MB" for name in manifest.files))
-    if g.kind == fmt.DECODER_KIND:
-        typer.echo(f"generation graph with KV cache: {g.file}, eos ids {list(g.eos_token_ids or ())}")
+    if g.kind in (fmt.DECODER_KIND, fmt.FUSED_DECODER_KIND):
+        fused = " (fused: GroupQueryAttention)" if g.kind == fmt.FUSED_DECODER_KIND else ""
+        typer.echo(f"generation graph with KV cache{fused}: {g.file}, eos ids {list(g.eos_token_ids or ())}")
     elif g.kind == fmt.SEQ2SEQ_KIND:
         typer.echo(f"seq2seq generation graphs: {g.file} (encoder + decoder step 0, cross-attention KV), "
                    f"{g.decoder_file} (one decoder step with KV cache), eos ids {list(g.eos_token_ids or ())}")

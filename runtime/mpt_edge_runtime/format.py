@@ -1,9 +1,10 @@
-"""Bundle format version 2: file names, graph input/output names, tensor keys. Writer and reader share these.
+"""Bundle format version 3: file names, graph input/output names, tensor keys. Writer and reader share these.
 
     manifest.json        format_version, family, backbone facts, graph (file, inputs, outputs, opset, dtype),
                          prompt (length, hidden_size), sha256 of every file, tool versions, parity report
     model.onnx[.data]    the backbone graph: (input_ids, attention_mask, prompt_embeds) → features
     decoder.onnx         instead of model.onnx for causal bundles with generation: one step with a KV cache
+                         (kind "decoder": traced; "decoder-fused": onnxruntime contrib ops, GroupQueryAttention)
     encoder.onnx         seq2seq bundles with generation: encoder + decoder step 0 (with decoder.onnx: one step)
     tokenizer.json       a `tokenizers` file
     prompts.safetensors  groups.<g>.shared (l, d); tasks.<name>.u (l, r), .v (r, d), and either a learned head
@@ -11,11 +12,12 @@
                          whose rows live once per bundle in verbalizer.ids (R,), .weight (R, d), .bias (R,) (causal)
     tasks.json           {"tasks": [{name, kind, labels, template, verbalizers, group, max_length}, ...]}
 
-Version 1 stored every task's head rows (C, d) in full; the runtime still reads it.
+Version 1 stored every task's head rows (C, d) in full; version 2 had no fused decoder graph (graph kind
+"decoder-fused"); the runtime reads both.
 """
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 TOKENIZER = "tokenizer.json"
@@ -59,6 +61,17 @@ DECODER_INPUTS = {
     PROMPT_EMBEDS: {0: "batch", 1: "prompt_length"},
 }
 DECODER_OUTPUTS = {LOGITS: {0: "batch"}, FEATURES: {0: "batch"}}
+
+# The fused causal generation graph (same file name, kind "decoder-fused"): onnxruntime's contrib ops, rows
+# right-padded and packed from cache position 0; see mpt_edge_export.families.causal.fused.
+FUSED_DECODER_KIND = "decoder-fused"
+STEP_LENGTHS, TOTAL_LENGTHS = "step_lengths", "total_lengths"
+FUSED_DECODER_INPUTS = {
+    INPUT_IDS: {0: "batch", 1: "sequence"},
+    PROMPT_EMBEDS: {0: "batch", 1: "prompt_length"},
+    STEP_LENGTHS: {0: "batch"},
+    TOTAL_LENGTHS: {0: "batch"},
+}
 
 
 def past_name(layer: int, part: str) -> str:

@@ -19,7 +19,8 @@ from mpt_edge_runtime.errors import BundleError
 _NONE = type(None)
 _REEXPORT = "re-export the bundle with `mpt-edge export`"
 # graph kind → the graph file it serves from (seq2seq also has fmt.DECODER_GRAPH as "decoder_file")
-GRAPH_FILES = {fmt.FEATURES_KIND: fmt.GRAPH, fmt.DECODER_KIND: fmt.DECODER_GRAPH, fmt.SEQ2SEQ_KIND: fmt.ENCODER_GRAPH}
+GRAPH_FILES = {fmt.FEATURES_KIND: fmt.GRAPH, fmt.DECODER_KIND: fmt.DECODER_GRAPH, fmt.FUSED_DECODER_KIND: fmt.DECODER_GRAPH,
+               fmt.SEQ2SEQ_KIND: fmt.ENCODER_GRAPH}
 
 
 def _key(types: tuple, default=MISSING, *, items: type | None = None, section: type | None = None,
@@ -122,8 +123,9 @@ class BackboneInfo(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class GraphEntry(_Section):
-    """The bundle's graph: `kind` says which ("features"; "decoder": causal with a KV cache; "seq2seq": `file` is the
-    encoder + decoder step 0 and `decoder_file` one decoder step). inputs/outputs: name → dynamic axis names."""
+    """The bundle's graph: `kind` says which ("features"; "decoder": causal with a KV cache; "decoder-fused": the
+    same with onnxruntime's fused ops; "seq2seq": `file` is the encoder + decoder step 0 and `decoder_file` one
+    decoder step). inputs/outputs: name → dynamic axis names."""
 
     kind: str = _key((str,), fmt.FEATURES_KIND)   # absent in bundles written before generation: the features graph
     file: str = _key((str,))

@@ -7,7 +7,8 @@
     model.generates                                 # whether the runner also decodes (start / advance / select)
 
 Runners: `FeaturesGraph` (model.onnx: classification only), `DecoderSession` (causal decoder.onnx with a KV
-cache) and `Seq2SeqSession` (encoder.onnx + decoder.onnx); see mpt_edge_runtime.generation for the last two.
+cache), `FusedDecoderSession` (the same with onnxruntime's fused ops, mpt_edge_runtime.fused_decoder) and
+`Seq2SeqSession` (encoder.onnx + decoder.onnx); see mpt_edge_runtime.generation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mpt_edge_runtime import format as fmt
-from mpt_edge_runtime.errors import BundleError
+from mpt_edge_runtime.errors import BundleError, DeviceError
+from mpt_edge_runtime.fused_decoder import FusedDecoderSession
 from mpt_edge_runtime.generation import DecoderSession, Seq2SeqSession, right_padded
 from mpt_edge_runtime.manifest import Manifest
 from mpt_edge_runtime.session import GraphSession
@@ -42,7 +44,10 @@ class FeaturesGraph:
         return self.graph.features(input_ids, mask, np.stack([prompt for prompt, _ in rows]))
 
 
-Runner = FeaturesGraph | DecoderSession | Seq2SeqSession
+Runner = FeaturesGraph | DecoderSession | FusedDecoderSession | Seq2SeqSession
+# graph kind → its inputs besides past.<i>.key / .value
+KIND_INPUTS = {fmt.FEATURES_KIND: fmt.GRAPH_INPUTS, fmt.DECODER_KIND: fmt.DECODER_INPUTS,
+               fmt.FUSED_DECODER_KIND: fmt.FUSED_DECODER_INPUTS}
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,12 @@ class Model:
     def open(cls, folder: Path, manifest: Manifest, device: str = "auto", threads: int | None = None) -> "Model":
         """Start the session(s) of the bundle in `folder` and check their inputs against the manifest."""
         graph = manifest.graph
-        session = GraphSession.open(folder / graph.file, device, threads)
+        session = _open_session(folder / graph.file, graph.kind, device, threads)
         _check_graph(session, manifest, folder / graph.file)
         if graph.kind == fmt.DECODER_KIND:   # the generation graph serves every task, classify included
             return cls(manifest, DecoderSession.open(session, manifest.prompt.hidden_size))
+        if graph.kind == fmt.FUSED_DECODER_KIND:
+            return cls(manifest, FusedDecoderSession.open(session, manifest.prompt.hidden_size))
         if graph.kind == fmt.SEQ2SEQ_KIND:
             step = GraphSession.open(folder / graph.decoder_file, device, threads)
             _check_step_graph(step, folder / graph.decoder_file)
@@ -85,10 +92,25 @@ class Model:
         return cls(manifest, FeaturesGraph(session))
 
 
+def _open_session(path: Path, kind: str, device: str, threads: int | None) -> GraphSession:
+    """The graph's session; a fused decoder that this onnxruntime cannot load names the two fixes."""
+    if kind != fmt.FUSED_DECODER_KIND:
+        return GraphSession.open(path, device, threads)
+    try:
+        return GraphSession.open(path, device, threads)
+    except DeviceError:
+        raise
+    except Exception as err:  # noqa: BLE001 (onnxruntime raises its own exception types)
+        import onnxruntime as ort
+        raise BundleError(f"{path} is a fused decoder graph (GroupQueryAttention with query_seqlens) that onnxruntime "
+                          f"{ort.__version__} cannot load ({type(err).__name__}: {str(err)[:300]}); upgrade onnxruntime "
+                          "(>= 1.32) or re-export the bundle with `mpt-edge export --no-fuse`") from None
+
+
 def _check_graph(session: GraphSession, manifest: Manifest, path: Path) -> None:
     inputs = {i.name: i.shape for i in session.session.get_inputs()}
-    decoder = manifest.graph.kind == fmt.DECODER_KIND
-    expected = set(fmt.DECODER_INPUTS if decoder else fmt.GRAPH_INPUTS)
+    decoder = manifest.graph.kind in (fmt.DECODER_KIND, fmt.FUSED_DECODER_KIND)
+    expected = set(KIND_INPUTS.get(manifest.graph.kind, fmt.GRAPH_INPUTS))   # seq2seq: its encoder takes these
     if set(inputs) - {n for n in inputs if decoder and n.startswith("past.")} != expected:
         raise BundleError(f"{path} has inputs {sorted(inputs)}, expected {sorted(expected)}"
                           f"{' and past.<i>.key/value' if decoder else ''}; re-export")

@@ -66,7 +66,7 @@ class GraphSession:
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph: float inputs are cast to the graph's float type, float outputs come back as float32."""
-        feeds = {name: value.astype(self.float_type) if value.dtype.kind == "f" else value.astype(np.int64)
+        feeds = {name: value.astype(self.float_type, copy=False) if value.dtype.kind == "f" else value.astype(np.int64, copy=False)
                  for name, value in feeds.items()}
         if self.device == "cuda":
             binding = self.session.io_binding()

@@ -38,7 +38,9 @@ class Family:
     """One backbone family.
 
     `adapter_class(**options)` is how a prompt enters its models; `export_generation(model, folder, opset,
-    prompt_length, max_length)` → GenerationGraphs, or None for a family that does not generate.
+    prompt_length, max_length, fuse=False, share_head=True)` → GenerationGraphs, or None for a family that does
+    not generate (`fuse`: its fused graph where it has one; `share_head` False: a tied LM head gets its own
+    weight, for quantization).
     """
 
     name: str

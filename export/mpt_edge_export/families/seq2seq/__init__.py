@@ -9,7 +9,9 @@ from mpt_edge_export.families.seq2seq.adapter import Seq2SeqAdapter, output_scal
 MODEL_TYPES = frozenset({"t5", "mt5"})
 
 
-def _export_generation(model, folder, opset: int, prompt_length: int, max_length: int) -> GenerationGraphs:
+def _export_generation(model, folder, opset: int, prompt_length: int, max_length: int, fuse: bool = False,
+                       share_head: bool = True) -> GenerationGraphs:
+    """Encoder + step graphs, traced (`fuse` and `share_head` do not apply: seq2seq has no fused form yet)."""
     from mpt_edge_export.families.seq2seq.graphs import export_seq2seq, seq2seq_parity_report
     from mpt_edge_export.graph import eos_token_ids
     from mpt_edge_runtime import format as fmt

@@ -1,0 +1,86 @@
+"""The runner of the fused causal generation graph (`decoder.onnx` of kind "decoder-fused"): onnxruntime's
+GroupQueryAttention appends the KV cache inside the graph.
+
+    prefix = steps.prefix(prompt)                        # once per task: the prompt's KV, (h_kv, l, d_h) per layer
+    logits, features, state = steps.start([(prefix, ids), ...])
+    logits, state = steps.advance(state, tokens)         # one decode step, tokens (B,)
+
+It offers the calls of `generation.DecoderSession`, so `decode` and `label_log_probs` run on it unchanged. Rows
+are right-padded and each row's cache is packed from position 0: [prompt KV | its tokens | unused], with
+`total` (B,) = how many cache positions row b holds. Rows of different tasks mix freely (all prompts have l).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpt_edge_runtime import format as fmt
+from mpt_edge_runtime.generation import Cache, right_padded
+from mpt_edge_runtime.session import GraphSession
+
+
+@dataclass(frozen=True)
+class FusedDecoderSession:
+    """The fused step graph: (ids, prompts, step lengths, total lengths, past) → logits, features, present."""
+
+    graph: GraphSession
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def open(cls, graph: GraphSession, hidden_size: int) -> "FusedDecoderSession":
+        shapes = {i.name: i.shape for i in graph.session.get_inputs()}
+        layers = sum(1 for name in shapes if name.startswith("past.")) // 2
+        _, kv_heads, _, head_dim = shapes[fmt.past_name(0, "key")]
+        return cls(graph, layers, int(kv_heads), int(head_dim), hidden_size)
+
+    def step(self, input_ids: np.ndarray, prompts: np.ndarray, step_lengths: np.ndarray, total: np.ndarray,
+             past: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """One graph call: ids (B, n) right-padded, prompts (B, P, d), step_lengths (B,) real rows of [prompt | ids],
+        total (B,) cache positions after the step → logits (B, V), features (B, d), present (B, h_kv, S+P+n, d_h)."""
+        feeds = {fmt.INPUT_IDS: input_ids, fmt.PROMPT_EMBEDS: prompts, fmt.STEP_LENGTHS: step_lengths,
+                 fmt.TOTAL_LENGTHS: total, **dict(zip(fmt.cache_names("past", self.layers), past))}
+        logits, features, *present = self.graph.run([fmt.LOGITS, fmt.FEATURES, *fmt.cache_names("present", self.layers)],
+                                                    feeds)
+        return logits, features, present
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
+
+    def no_prompt(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, 0, self.hidden_size), np.float32)
+
+    def prefix(self, prompt: np.ndarray) -> Cache:
+        """A task's prompt (l, d) → its KV, one (h_kv, l, d_h) array per layer and part, computed once."""
+        length = np.array([prompt.shape[0]], np.int64)
+        _, _, present = self.step(np.zeros((1, 0), np.int64), prompt[None], length, length, self.empty_past(1))
+        return tuple(p[0] for p in present)
+
+    def start(self, rows: Sequence[tuple[Cache, Sequence[int]]]):
+        """Every row's tokens after its task's prompt KV → logits (B, V), features (B, d), state."""
+        ids, mask = right_padded([row_ids for _, row_ids in rows])
+        lengths = mask.sum(axis=1)
+        past = [np.stack([cache[k] for cache, _ in rows]) for k in range(len(rows[0][0]))]
+        total = past[0].shape[2] + lengths
+        logits, features, present = self.step(ids, self.no_prompt(len(rows)), lengths, total, past)
+        return logits, features, (present, total)
+
+    def features(self, rows: Sequence[tuple[Cache, Sequence[int]]]) -> np.ndarray:
+        """The last input token's hidden state of each row, (B, d): what classification reads."""
+        return self.start(rows)[1]
+
+    def advance(self, state, tokens: np.ndarray):
+        past, total = state
+        total = total + 1
+        ones = np.ones(len(tokens), np.int64)
+        logits, _, present = self.step(tokens[:, None].astype(np.int64), self.no_prompt(len(tokens)), ones, total, past)
+        return logits, (present, total)
+
+    def select(self, state, index: np.ndarray):
+        past, total = state
+        return [p[index] for p in past], total[index]

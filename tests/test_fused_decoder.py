@@ -1,0 +1,135 @@
+"""The fused causal generation graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, packed QKV) against
+PyTorch on a tiny Llama with grouped KV heads: prompt prefill, ragged batches from cached prompt KV, mixed tasks,
+greedy decoding token for token, quantized variants, and the bundle the exporter writes with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_gqa_llama
+from mpt_edge.bundle_source import backbone_facts
+from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
+from mpt_edge_export.families.causal.fused import export_fused_decoder, fusable, fused_parity_report
+from mpt_edge_export.transform import op_counts
+from mpt_edge_runtime import SamplingParams, load
+from mpt_edge_runtime.fused_decoder import FusedDecoderSession
+from mpt_edge_runtime.generation import decode, label_log_probs
+from mpt_edge_runtime.session import GraphSession
+from test_generation import TEXTS, ids_of, torch_greedy
+
+PROMPT_LENGTH = 3
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    backbone = tiny_gqa_llama()
+    path = tmp_path_factory.mktemp("fused") / "decoder.onnx"
+    export_fused_decoder(backbone.model, path)
+    steps = FusedDecoderSession.open(GraphSession.open(path, "cpu"), 64)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randn(PROMPT_LENGTH, 64, generator=generator) for _ in range(2)]
+    return backbone, steps, prompts, path
+
+
+def greedy(steps, rows, n: int) -> list[list[int]]:
+    return np.stack(list(decode(steps, rows, SamplingParams(max_new_tokens=n))), axis=1).tolist()
+
+
+def test_the_graph_is_made_of_the_fused_ops(fused):
+    counts = op_counts(fused[3])
+    assert counts["com.microsoft:GroupQueryAttention"] == 2 and counts["com.microsoft:SkipSimplifiedLayerNormalization"] == 4
+    assert counts["MatMul"] == 2 * 5 and counts["Gemm"] == 1   # qkv, o, gate, up, down; the tied LM head is a Gemm
+    assert "Softmax" not in counts and "Expand" not in counts
+
+
+def test_parity_report_covers_prefill_ragged_batches_and_decode_steps(fused):
+    backbone, _, _, path = fused
+    report = fused_parity_report(backbone.model, path, PROMPT_LENGTH, 12)
+    assert report["max_abs_diff"] < 1e-4, report
+    assert {c["batch"] for c in report["cases"]} == {1, 3, 4} and any(c["decode_steps"] for c in report["cases"])
+
+
+def test_greedy_equals_pytorch_token_for_token_batch_one_and_ragged_batches(fused):
+    backbone, steps, prompts, _ = fused
+    cache = steps.prefix(prompts[0].numpy())
+    rows = [(cache, ids_of(backbone, t)) for t in TEXTS]
+    expected = [torch_greedy(backbone.model, prompts[0], ids, 6) for _, ids in rows]
+    assert greedy(steps, rows[:1], 6) == expected[:1]
+    assert greedy(steps, rows, 6) == expected
+
+
+def test_mixed_task_batch_equals_per_task_runs_and_pytorch(fused):
+    backbone, steps, prompts, _ = fused
+    caches = [steps.prefix(p.numpy()) for p in prompts]
+    rows = [(caches[k % 2], ids_of(backbone, t)) for k, t in enumerate(TEXTS)]
+    alone = [greedy(steps, [row], 5)[0] for row in rows]
+    assert greedy(steps, rows, 5) == alone
+    assert alone[1] == torch_greedy(backbone.model, prompts[1], rows[1][1], 5)
+
+
+def test_whole_sequence_label_scores_equal_pytorch(fused):
+    backbone, steps, prompts, _ = fused
+    ids, labels = ids_of(backbone, TEXTS[2]), [[5, 6, 7], [8]]
+    (scores,) = label_log_probs(steps, [(steps.prefix(prompts[0].numpy()), ids, labels)])
+    with torch.no_grad():
+        expected = []
+        for label in labels:
+            seq = ids + label
+            embeds = torch.cat([prompts[0][None], backbone.model.get_input_embeddings()(torch.tensor([seq]))], dim=1)
+            logp = torch.log_softmax(backbone.model(inputs_embeds=embeds).logits[0], dim=-1)
+            start = PROMPT_LENGTH + len(ids) - 1
+            expected.append(sum(float(logp[start + j, t]) for j, t in enumerate(label)))
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+def test_models_without_a_fused_form_say_why():
+    assert "multiple of 16" in fusable(tiny_gqa_llama(hidden_size=32, num_attention_heads=4).model)
+    assert fusable(tiny_gqa_llama().model) is None
+
+
+def _bundle(backbone, out, **options):
+    dim = 64
+    g = torch.Generator().manual_seed(3)
+    tasks = [ExportTask({"name": "echo", "kind": "generate", "labels": [], "template": "{text} :", "verbalizers": [],
+                         "group": 0, "max_length": 16},
+                        (1 + 0.3 * torch.randn(PROMPT_LENGTH, 2, generator=g)).numpy(),
+                        (1 + 0.3 * torch.randn(2, dim, generator=g)).numpy(), np.zeros((0, dim), np.float32),
+                        np.zeros((0,), np.float32))]
+    source = BundleSource("causal", backbone_facts(backbone), backbone.model, backbone.family.adapter(),
+                          backbone.tokenizer, [(torch.randn(PROMPT_LENGTH, dim, generator=g) * 0.5).numpy()], tasks)
+    return write_bundle(source, out, ExportOptions(max_length=16, **options))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    backbone = tiny_gqa_llama()
+    root = tmp_path_factory.mktemp("bundles")
+    manifests = {name: _bundle(backbone, root / name, **options)
+                 for name, options in {"fused": {}, "traced": {"fuse": False}, "int4": {"quantize": "int4"}}.items()}
+    return backbone, root, manifests
+
+
+def test_export_writes_the_fused_graph_by_default_with_parity(bundles):
+    _, root, manifests = bundles
+    assert manifests["fused"]["format_version"] == 3
+    assert manifests["fused"]["graph"]["kind"] == "decoder-fused" and manifests["traced"]["graph"]["kind"] == "decoder"
+    assert manifests["fused"]["parity"]["fp32"]["max_rel_diff"] < 1e-4
+    int4 = manifests["int4"]
+    assert int4["graph"]["kind"] == "decoder-fused" and int4["graph"]["quantize"]["quantized"] == 2 * 5 + 1   # + LM head
+    assert "quantized" in int4["parity"]
+    assert json.loads((root / "int4" / "manifest.json").read_text())["graph"]["kind"] == "decoder-fused"
+
+
+def test_fused_and_traced_bundles_generate_the_same_text_and_stream_it(bundles):
+    _, root, _ = bundles
+    fused, traced = load(root / "fused", device="cpu", threads=1), load(root / "traced", device="cpu", threads=1)
+    texts = ["the film was good", "bad", "a very dull story and it was bad"]
+    assert fused.generate("echo", texts, max_new_tokens=6) == traced.generate("echo", texts, max_new_tokens=6)
+    streamed = "".join(fused.stream("echo", texts[0], max_new_tokens=6))
+    assert streamed == fused.generate("echo", texts[:1], max_new_tokens=6)[0]
+    quantized = load(root / "int4", device="cpu", threads=1).generate("echo", texts, max_new_tokens=6)
+    assert len(quantized) == 3 and all(isinstance(t, str) for t in quantized)
