@@ -84,6 +84,19 @@ def load_backbone(name_or_path: str | os.PathLike, *, cache: Path | None = None)
     )
 
 
+def backbone_folder(name_or_path: str | os.PathLike, *, cache: Path | None = None) -> Path:
+    """The Hugging Face folder (config.json, weights, tokenizer.json) behind a registered name or a local path,
+    fetched on first use: what other tools (e.g. onnxruntime-genai's model builder) read."""
+    key = str(name_or_path)
+    if key in NAMED_BACKBONES:
+        return _cached_folder(NAMED_BACKBONES[key], cache or cache_dir())
+    path = Path(key).expanduser()
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"{key!r} is neither a registered backbone ({', '.join(NAMED_BACKBONES)}) nor a folder "
+                         "with config.json")
+    return path.resolve()
+
+
 def fingerprint(model: torch.nn.Module) -> str:
     """A cheap, deterministic hash of a model's parameters, to assert a frozen backbone stays unchanged.
 

@@ -5,6 +5,8 @@ greedy decoding token for token, quantized variants, and the bundle the exporter
 from __future__ import annotations
 
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,10 +17,10 @@ from mpt_edge.bundle_source import backbone_facts
 from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTask, write_bundle
 from mpt_edge_export.families.causal.fused import export_fused_decoder, fusable, fused_parity_report
 from mpt_edge_export.transform import op_counts
-from mpt_edge_runtime import SamplingParams, load
+from mpt_edge_runtime import BundleError, SamplingParams, load
 from mpt_edge_runtime.fused_decoder import FusedDecoderSession
 from mpt_edge_runtime.generation import decode, label_log_probs
-from mpt_edge_runtime.session import GraphSession
+from mpt_edge_runtime.session import BoundCall, GraphSession
 from test_generation import TEXTS, ids_of, torch_greedy
 
 PROMPT_LENGTH = 3
@@ -133,3 +135,33 @@ def test_fused_and_traced_bundles_generate_the_same_text_and_stream_it(bundles):
     assert streamed == fused.generate("echo", texts[:1], max_new_tokens=6)[0]
     quantized = load(root / "int4", device="cpu", threads=1).generate("echo", texts, max_new_tokens=6)
     assert len(quantized) == 3 and all(isinstance(t, str) for t in quantized)
+
+
+def test_concurrent_generations_on_one_engine_equal_serial_ones(bundles):
+    _, root, _ = bundles
+    engine = load(root / "fused", device="cpu", threads=1)
+    texts = [" ".join(["good", "bad", "film", "story"][k % 4] for k in range(n)) for n in range(1, 9)]
+    serial = [engine.generate("echo", [t], max_new_tokens=5)[0] for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda t: engine.generate("echo", [t], max_new_tokens=5)[0], texts))
+    assert concurrent == serial
+
+
+def test_a_changed_byte_of_the_fused_graph_is_refused(bundles, tmp_path):
+    _, root, _ = bundles
+    copy = tmp_path / "bundle"
+    shutil.copytree(root / "fused", copy)
+    graph = copy / "decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.onnx"):
+        load(copy, device="cpu")
+
+
+def test_the_copying_bound_call_that_cuda_takes_decodes_the_same_tokens(fused, monkeypatch):
+    backbone, steps, prompts, _ = fused
+    rows = [(steps.prefix(prompts[k % 2].numpy()), ids_of(backbone, t)) for k, t in enumerate(TEXTS)]
+    bound = greedy(steps, rows, 40)   # past the first buffer's headroom: the buffers grow once
+    monkeypatch.setattr(GraphSession, "bind", lambda self, buffers, aliases, outputs: BoundCall(self, buffers, aliases, outputs))
+    assert greedy(steps, rows, 40) == bound

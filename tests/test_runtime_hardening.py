@@ -56,9 +56,13 @@ def features_bundle(tmp_path_factory):
     return out
 
 
+FUSED_BUNDLE = os.path.join(os.path.dirname(__file__), "fixtures", "bundles", "v3-decoder-fused")
+
+
 @pytest.fixture(scope="module")
 def engines(features_bundle, decoder_bundle):
-    return {"features": mer.load(features_bundle, "cpu"), "decoder": mer.load(decoder_bundle[1], "cpu")}
+    return {"features": mer.load(features_bundle, "cpu"), "decoder": mer.load(decoder_bundle[1], "cpu"),
+            "fused": mer.load(FUSED_BUNDLE, "cpu")}   # the fused generation graph (GroupQueryAttention)
 
 
 def check_prediction(prediction, labels) -> None:
@@ -69,7 +73,7 @@ def check_prediction(prediction, labels) -> None:
 @FAST
 @given(text=VALID_TEXTS)
 def test_any_valid_unicode_text_is_classified(engines, text):
-    for engine, task in ((engines["features"], "polarity"), (engines["decoder"], "mood")):
+    for engine, task in ((engines["features"], "polarity"), (engines["decoder"], "mood"), (engines["fused"], "mood")):
         (prediction,) = engine.classify(task, [text])
         check_prediction(prediction, engine.task(task).labels)
 
@@ -77,7 +81,7 @@ def test_any_valid_unicode_text_is_classified(engines, text):
 @FAST
 @given(text=INVALID_TEXTS)
 def test_non_strings_and_lone_surrogates_are_input_errors(engines, text):
-    for engine, task in ((engines["features"], "polarity"), (engines["decoder"], "mood")):
+    for engine, task in ((engines["features"], "polarity"), (engines["decoder"], "mood"), (engines["fused"], "mood")):
         with pytest.raises(mer.InputError):
             engine.classify(task, [text])
 
@@ -109,8 +113,9 @@ def test_one_bad_row_makes_the_whole_batch_one_documented_error(engines, request
 @FAST
 @given(text=VALID_TEXTS, max_new_tokens=st.integers(1, 4), temperature=st.sampled_from([0.0, 0.7]))
 def test_generation_answers_any_valid_unicode_text(engines, text, max_new_tokens, temperature):
-    (answer,) = engines["decoder"].generate("echo", [text], max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
-    assert isinstance(answer, str)
+    for engine in (engines["decoder"], engines["fused"]):
+        (answer,) = engine.generate("echo", [text], max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+        assert isinstance(answer, str)
 
 
 @FAST
@@ -120,8 +125,9 @@ def test_generation_with_a_bad_text_or_option_is_an_input_error(engines, text, m
     valid = isinstance(text, str) and not any("\ud800" <= c <= "\udfff" for c in text)
     if valid and max_new_tokens >= 1 and temperature >= 0:
         max_new_tokens = 0                                       # make one option bad
-    with pytest.raises(mer.InputError):
-        engines["decoder"].generate("echo", [text], max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+    for engine in (engines["decoder"], engines["fused"]):
+        with pytest.raises(mer.InputError):
+            engine.generate("echo", [text], max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
 
 
 def test_the_documented_messages(engines):

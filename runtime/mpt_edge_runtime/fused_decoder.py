@@ -8,6 +8,8 @@ GroupQueryAttention appends the KV cache inside the graph.
 It offers the calls of `generation.DecoderSession`, so `decode` and `label_log_probs` run on it unchanged. Rows
 are right-padded and each row's cache is packed from position 0: [prompt KV | its tokens | unused], with
 `total` (B,) = how many cache positions row b holds. Rows of different tasks mix freely (all prompts have l).
+Decode steps write the new KV in place into buffers with room to grow (doubled when full), as
+onnxruntime-genai does, instead of copying the whole cache every step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ import numpy as np
 
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.generation import Cache, right_padded
-from mpt_edge_runtime.session import GraphSession
+from mpt_edge_runtime.session import BoundCall, GraphSession
+
+HEADROOM = 32   # cache positions a generation's buffers get beyond its prefill; doubled whenever they are full
+
+
+def with_room(cache: Sequence[np.ndarray], capacity: int) -> list[np.ndarray]:
+    """KV arrays (B, h_kv, K, d_h) copied into zeroed buffers (B, h_kv, capacity, d_h), capacity >= K."""
+    buffers = []
+    for part in cache:
+        buffer = np.zeros((*part.shape[:2], capacity, part.shape[3]), np.float32)
+        buffer[:, :, :part.shape[2]] = part
+        buffers.append(buffer)
+    return buffers
 
 
 @dataclass(frozen=True)
@@ -31,13 +45,15 @@ class FusedDecoderSession:
     kv_heads: int
     head_dim: int
     hidden_size: int
+    vocab_size: int
 
     @classmethod
     def open(cls, graph: GraphSession, hidden_size: int) -> "FusedDecoderSession":
         shapes = {i.name: i.shape for i in graph.session.get_inputs()}
         layers = sum(1 for name in shapes if name.startswith("past.")) // 2
         _, kv_heads, _, head_dim = shapes[fmt.past_name(0, "key")]
-        return cls(graph, layers, int(kv_heads), int(head_dim), hidden_size)
+        _, vocab = {o.name: o.shape for o in graph.session.get_outputs()}[fmt.LOGITS]
+        return cls(graph, layers, int(kv_heads), int(head_dim), hidden_size, int(vocab))
 
     def step(self, input_ids: np.ndarray, prompts: np.ndarray, step_lengths: np.ndarray, total: np.ndarray,
              past: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -68,19 +84,45 @@ class FusedDecoderSession:
         past = [np.stack([cache[k] for cache, _ in rows]) for k in range(len(rows[0][0]))]
         total = past[0].shape[2] + lengths
         logits, features, present = self.step(ids, self.no_prompt(len(rows)), lengths, total, past)
-        return logits, features, (present, total)
+        return logits, features, self.state(present, total)
+
+    def state(self, present: Sequence[np.ndarray], total: np.ndarray):
+        """The decoding state after a `step` that returned `present` with `total` (B,) positions per row."""
+        return with_room(present, present[0].shape[2] + HEADROOM), total, None
 
     def features(self, rows: Sequence[tuple[Cache, Sequence[int]]]) -> np.ndarray:
         """The last input token's hidden state of each row, (B, d): what classification reads."""
         return self.start(rows)[1]
 
     def advance(self, state, tokens: np.ndarray):
-        past, total = state
+        """One decode step; the state's buffers receive the new KV in place (the state passed in is used up)."""
+        buffers, total, step = state
         total = total + 1
-        ones = np.ones(len(tokens), np.int64)
-        logits, _, present = self.step(tokens[:, None].astype(np.int64), self.no_prompt(len(tokens)), ones, total, past)
-        return logits, (present, total)
+        if total.max() > buffers[0].shape[2]:
+            buffers, step = with_room(buffers, 2 * buffers[0].shape[2]), None
+        step = step or self._decode_step(buffers)
+        step.run({fmt.INPUT_IDS: tokens[:, None].astype(np.int64), fmt.PROMPT_EMBEDS: self.no_prompt(len(tokens)),
+                  fmt.STEP_LENGTHS: np.ones(len(tokens), np.int64), fmt.TOTAL_LENGTHS: total})
+        return step.logits.copy(), (buffers, total, step)
 
     def select(self, state, index: np.ndarray):
-        past, total = state
-        return [p[index] for p in past], total[index]
+        buffers, total, _ = state
+        return [b[index] for b in buffers], total[index], None
+
+    def _decode_step(self, buffers: list[np.ndarray]) -> "DecodeStep":
+        """The decode call bound to these KV buffers (in place) and to logits / features arrays of this batch."""
+        batch = buffers[0].shape[0]
+        logits = np.zeros((batch, self.vocab_size), np.float32)
+        features = np.zeros((batch, self.hidden_size), np.float32)
+        past, present = fmt.cache_names("past", self.layers), fmt.cache_names("present", self.layers)
+        run = self.graph.bind(dict(zip(past, buffers)), dict(zip(present, past)),
+                              {fmt.LOGITS: logits, fmt.FEATURES: features})
+        return DecodeStep(run, logits)
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """A generation's decode call, bound once to its KV buffers: `run(small inputs)` refreshes `logits` (B, V)."""
+
+    run: BoundCall
+    logits: np.ndarray

@@ -80,7 +80,50 @@ class GraphSession:
             results = self.session.run(outputs, feeds)
         return [r.astype(np.float32) if r.dtype.kind == "f" else r for r in results]
 
+    def bind(self, buffers: dict[str, np.ndarray], aliases: dict[str, str],
+             outputs: dict[str, np.ndarray]) -> "BoundCall":
+        """A call repeated over the same arrays, bound once: `buffers` (input name → array) are inputs, each output
+        named in `aliases` (output → input name) is written into that input's array in place (a KV cache that
+        grows inside one preallocated buffer instead of being copied every step), and every output in `outputs`
+        (name → array of its exact shape) lands in its array. Arrays are float32 and C-contiguous. Calling the
+        result runs the graph with the remaining (small) inputs. CPU binds the arrays' memory; CUDA copies."""
+        if self.device != "cpu":
+            return BoundCall(self, buffers, aliases, outputs)
+        binding = self.session.io_binding()
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in {**buffers, **outputs}.items()}
+        for name in buffers:
+            binding.bind_ortvalue_input(name, values[name])
+        for output, target in aliases.items():
+            binding.bind_ortvalue_output(output, values[target])
+        for name in outputs:
+            binding.bind_ortvalue_output(name, values[name])
+        return BoundCall(self, buffers, aliases, outputs, binding, values)
+
     def features(self, input_ids: np.ndarray, attention_mask: np.ndarray, prompts: np.ndarray) -> np.ndarray:
         """(B, n), (B, n), (B, l, d) → features (B, d) float32."""
         return self.run([fmt.FEATURES], {fmt.INPUT_IDS: input_ids, fmt.ATTENTION_MASK: attention_mask,
                                          fmt.PROMPT_EMBEDS: prompts})[0]
+
+
+@dataclass(frozen=True)
+class BoundCall:
+    """`GraphSession.bind`'s result: `call(feeds)` runs the graph and leaves every result in its bound array."""
+
+    graph: GraphSession
+    buffers: dict[str, np.ndarray]
+    aliases: dict[str, str]
+    outputs: dict[str, np.ndarray]
+    binding: object = None          # onnxruntime IOBinding on CPU; None: run, then copy into the arrays
+    values: dict | None = None      # the OrtValues over the arrays' memory, alive as long as the binding
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> None:
+        if self.binding is None:
+            targets = [*self.outputs.values(), *(self.buffers[name] for name in self.aliases.values())]
+            for target, value in zip(targets, self.graph.run([*self.outputs, *self.aliases], {**feeds, **self.buffers})):
+                np.copyto(target, value)
+            return
+        kept = {name: value.astype(self.graph.float_type, copy=False) if value.dtype.kind == "f"
+                else value.astype(np.int64, copy=False) for name, value in feeds.items()}
+        for name, value in kept.items():
+            self.binding.bind_cpu_input(name, value)
+        self.graph.session.run_with_iobinding(self.binding)
