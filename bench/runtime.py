@@ -4,6 +4,8 @@
         [--threads N] [--reps 15] [--checkpoint DIR] [--work DIR] [--runtime-env-size]
     python bench/runtime.py --quick --backbones minilm-l6      # smoke test: one shape, tiny repetition counts
     python bench/runtime.py --backbones smollm2-135m --checkpoint builds/smollm2-135m/teachers/rotten_tomatoes \
+        --batches 1,8 --sequences 64 --variants int8-mixed,int4 --kv-cache --out bench/results/quantization-smollm2-fused.json
+    python bench/runtime.py --backbones smollm2-135m --checkpoint builds/smollm2-135m/teachers/rotten_tomatoes \
         --batches 1,8 --sequences 64 --variants int8-mixed,int4,int8-block   # the quantization table
 
 Trains a small real prompt checkpoint (or takes --checkpoint), exports fp32 and every --quantize recipe (or
@@ -73,13 +75,14 @@ def setup(name: str, args) -> tuple:
     if TASK not in trained.task_names:
         sys.exit(f"error: {folder} has tasks {trained.task_names}; the benchmark needs {TASK!r}")
     source = bundle_source(trained, backbone)
-    tag = f"{trained.meta.extra['sha256'][:10]}{'-opt' if args.optimize else ''}"
+    tag = f"{trained.meta.extra['sha256'][:10]}{'-opt' if args.optimize else ''}{'-kv' if args.kv_cache else ''}"
     bundles = {}
     for variant in ("fp32", *args.variants):
         out = args.work / name / f"bundle-{tag}-{variant}"
         if not (out / fmt.MANIFEST).is_file():
             print(f"  exporting {variant} → {out}", flush=True)
-            write_bundle(source, out, ExportOptions(optimize=args.optimize, quantize=None if variant == "fp32" else variant))
+            write_bundle(source, out, ExportOptions(optimize=args.optimize, quantize=None if variant == "fp32" else variant,
+                                                    kv_cache=args.kv_cache or None))
         bundles[variant] = out
     return backbone, source, bundles
 
@@ -142,7 +145,7 @@ def measure_speed(engines: dict, wrapper, test_texts: list[str], args) -> dict:
             texts = [tok.decode(row[:max(1, seq - frame)].tolist()) for row in ids]
             requests = [(TASK, t) for t in texts]
             variants = {"eager": lambda: wrapper(*tensors)}
-            variants |= {k: (lambda e=e: e.model.runner.graph.features(ids, mask, prompts)) for k, e in engines.items()}
+            variants |= {k: (lambda e=e: graph_features(e, ids, mask, prompts)) for k, e in engines.items()}
             variants["fp32 run"] = lambda: fp32.run(requests)
             with torch.no_grad():
                 times = side_by_side(variants, args)
@@ -192,8 +195,18 @@ def _features(engine, prompt: np.ndarray, encoded: list[list[int]], batch: int =
         mask = np.zeros_like(ids)
         for b, row in enumerate(rows):
             ids[b, :len(row)], mask[b, :len(row)] = row, 1
-        out.append(engine.model.runner.graph.features(ids, mask, np.repeat(prompt[None], len(rows), axis=0)))
+        out.append(graph_features(engine, ids, mask, np.repeat(prompt[None], len(rows), axis=0)))
     return np.concatenate(out)
+
+
+def graph_features(engine, ids: np.ndarray, mask: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """One forward of the bundle's graph → features (B, d): the features graph takes the prompts; a generation
+    graph (--kv-cache) starts every row from the task's cached prompt KV (the prompt does not run again)."""
+    runner = engine.model.runner
+    if engine.manifest.graph.kind == fmt.FEATURES_KIND:
+        return runner.graph.features(ids, mask, prompts)
+    prefix = engine.task(TASK).prefix
+    return runner.features([(prefix, row[m.astype(bool)].tolist()) for row, m in zip(ids, mask)])
 
 
 def measure_mixed(engine, texts: list[str], batch: int, args) -> dict | None:
@@ -452,6 +465,8 @@ def parse_args():
     parser.add_argument("--checkpoint", help="reuse this checkpoint (must hold rotten_tomatoes) instead of training")
     parser.add_argument("--work", type=Path, default=HERE / "results" / "work")
     parser.add_argument("--optimize", action="store_true", help="export with onnxruntime offline optimization")
+    parser.add_argument("--kv-cache", action="store_true", help="export the generation graph (fused for Llama-like "
+                        "backbones): classification starts from the task's cached prompt KV")
     parser.add_argument("--runtime-env-size", action="store_true", help="measure a fresh runtime-only venv (pip)")
     parser.add_argument("--out", type=Path, help="default bench/results/runtime.json (--quick: <work>/runtime-quick.json)")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 8 × 64, tiny reps, 20 dev examples")

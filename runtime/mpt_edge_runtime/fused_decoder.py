@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpt_edge_runtime import format as fmt
-from mpt_edge_runtime.generation import Cache, right_padded
+from mpt_edge_runtime.generation import Cache, cache_layout, right_padded
 from mpt_edge_runtime.session import BoundCall, GraphSession
 
 HEADROOM = 32   # cache positions a generation's buffers get beyond its prefill; doubled whenever they are full
@@ -49,11 +49,8 @@ class FusedDecoderSession:
 
     @classmethod
     def open(cls, graph: GraphSession, hidden_size: int) -> "FusedDecoderSession":
-        shapes = {i.name: i.shape for i in graph.session.get_inputs()}
-        layers = sum(1 for name in shapes if name.startswith("past.")) // 2
-        _, kv_heads, _, head_dim = shapes[fmt.past_name(0, "key")]
         _, vocab = {o.name: o.shape for o in graph.session.get_outputs()}[fmt.LOGITS]
-        return cls(graph, layers, int(kv_heads), int(head_dim), hidden_size, int(vocab))
+        return cls(graph, *cache_layout(graph), hidden_size, int(vocab))
 
     def step(self, input_ids: np.ndarray, prompts: np.ndarray, step_lengths: np.ndarray, total: np.ndarray,
              past: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:

@@ -40,10 +40,7 @@ class DecoderSession:
 
     @classmethod
     def open(cls, graph: GraphSession, hidden_size: int) -> "DecoderSession":
-        shapes = {i.name: i.shape for i in graph.session.get_inputs()}
-        layers = sum(1 for name in shapes if name.startswith("past.")) // 2
-        _, kv_heads, _, head_dim = shapes[fmt.past_name(0, "key")]
-        return cls(graph, layers, int(kv_heads), int(head_dim), hidden_size)
+        return cls(graph, *cache_layout(graph), hidden_size)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, prompts: np.ndarray,
              past: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -124,6 +121,14 @@ class Seq2SeqSession:
     def select(self, state, index: np.ndarray):
         past, cross, encoder_mask = state
         return [p[index] for p in past], [c[index] for c in cross], encoder_mask[index]
+
+
+def cache_layout(graph: GraphSession) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a causal step graph, read from its past.<i>.key / .value inputs."""
+    shapes = {i.name: i.shape for i in graph.session.get_inputs()}
+    layers = sum(1 for name in shapes if name.startswith("past.")) // 2
+    _, kv_heads, _, head_dim = shapes[fmt.past_name(0, "key")]
+    return layers, int(kv_heads), int(head_dim)
 
 
 def right_padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
