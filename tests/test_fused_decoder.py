@@ -111,7 +111,8 @@ def bundles(tmp_path_factory):
     backbone = tiny_gqa_llama()
     root = tmp_path_factory.mktemp("bundles")
     manifests = {name: _bundle(backbone, root / name, **options)
-                 for name, options in {"fused": {}, "traced": {"fuse": False}, "int4": {"quantize": "int4"}}.items()}
+                 for name, options in {"fused": {}, "traced": {"fuse": False}, "int4": {"quantize": "int4"},
+                                       "int8-mixed": {"quantize": "int8-mixed"}}.items()}
     return backbone, root, manifests
 
 
@@ -123,6 +124,8 @@ def test_export_writes_the_fused_graph_by_default_with_parity(bundles):
     int4 = manifests["int4"]
     assert int4["graph"]["kind"] == "decoder-fused" and int4["graph"]["quantize"]["quantized"] == 2 * 5 + 1   # + LM head
     assert "quantized" in int4["parity"]
+    int8 = manifests["int8-mixed"]   # dynamic int8 through the contrib ops; the FFN output projections stay fp32
+    assert int8["graph"]["kind"] == "decoder-fused" and int8["graph"]["quantize"]["kept_fp32"] == 2
     assert json.loads((root / "int4" / "manifest.json").read_text())["graph"]["kind"] == "decoder-fused"
 
 
@@ -133,8 +136,9 @@ def test_fused_and_traced_bundles_generate_the_same_text_and_stream_it(bundles):
     assert fused.generate("echo", texts, max_new_tokens=6) == traced.generate("echo", texts, max_new_tokens=6)
     streamed = "".join(fused.stream("echo", texts[0], max_new_tokens=6))
     assert streamed == fused.generate("echo", texts[:1], max_new_tokens=6)[0]
-    quantized = load(root / "int4", device="cpu", threads=1).generate("echo", texts, max_new_tokens=6)
-    assert len(quantized) == 3 and all(isinstance(t, str) for t in quantized)
+    for recipe in ("int4", "int8-mixed"):
+        quantized = load(root / recipe, device="cpu", threads=1).generate("echo", texts, max_new_tokens=6)
+        assert len(quantized) == 3 and all(isinstance(t, str) for t in quantized)
 
 
 def test_concurrent_generations_on_one_engine_equal_serial_ones(bundles):

@@ -121,8 +121,10 @@ def _dynamic_int8(src: Path, dst: Path, spec: DynamicInt8, kept: list[str]) -> d
     # per-channel weights fill [-127, 127] in every column, where u8 × s8 products saturate int16 on x86 CPUs
     # without VNNI (AVX2, AVX-512 before Cascade Lake): 7-bit weights there, as onnxruntime advises
     reduce_range = spec.per_channel
+    # outputs of contrib ops (the fused decoder's GroupQueryAttention) have no inferred type: they are float
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=spec.per_channel,
-                     reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
+                     reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=kept,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return {"method": "dynamic-int8", "per_channel": spec.per_channel, "reduce_range": reduce_range}
 
 
