@@ -178,12 +178,12 @@ def fused_decoder_graph(model: nn.Module, share_head: bool = True) -> onnx.Model
 
 
 def export_fused_decoder(model: nn.Module, path: Path, share_head: bool = True) -> None:
-    """Write the fused step graph to `path` (weights in `path`.data next to it when 2 GB would not fit)."""
+    """Write the fused step graph to `path`: one file, as a bundle holds its graph (protobuf's limit: 2 GB)."""
     proto = fused_decoder_graph(model, share_head)
-    if proto.ByteSize() > 1_800_000_000:
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(proto, str(path))
+    if proto.ByteSize() >= 2 ** 31:
+        raise ExportError(f"the fused graph would be {proto.ByteSize() / 2 ** 30:.1f} GiB, over the 2 GiB a one-file "
+                          "ONNX graph can hold; bundles of backbones this large are not supported yet")
+    onnx.save_model(proto, str(path))
 
 
 def fused_parity_cases(prompt_length: int, max_length: int) -> list[tuple[int, int, list[int], int]]:
