@@ -22,11 +22,16 @@ def check_bundles(config: ServeConfig) -> None:
                               f"--bundle-memory-mb {config.bundle_memory_mb:g}; raise it")
 
 
+# glibc malloc settings of the worker replicas (each overridden by the same variable in the environment): up to 8
+# arenas per core, one per thread that allocates, let a replica's request and generation threads each grow their
+# own, so 2; and the mmap threshold that glibc raises as large blocks are freed (up to 32 MB) put a generation's
+# multi-MB KV buffers on the heap, where they fragment it, so fixed at 1 MiB: they are mapped and given back.
+WORKER_MALLOC = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
+
+
 def worker_env() -> dict[str, str]:
-    """Environment of the worker replicas: glibc keeps up to 8 malloc arenas per core, one per thread that
-    allocates, and a replica's request and generation threads each grow their own; two arenas keep its RSS near
-    what the engine holds (the runtime alone, in one thread, stays flat). Set MALLOC_ARENA_MAX to override."""
-    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+    """Environment of the worker replicas: WORKER_MALLOC, each value taken from this environment when set."""
+    return {name: os.environ.get(name, default) for name, default in WORKER_MALLOC.items()}
 
 
 def build_app(config: ServeConfig):
