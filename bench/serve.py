@@ -111,7 +111,8 @@ class Server:
         self.port, self.metrics_port = free_port(), free_port()
         command = [sys.executable, "-m", "mpt_edge", "serve", str(bundle), "--port", str(self.port),
                    "--metrics-port", str(self.metrics_port), "--num-cpus", str(os.cpu_count()),
-                   "--replica-cpus", str(os.cpu_count()), "--max-batch-size", str(args.max_batch_size),
+                   "--replicas", str(args.replicas), "--replica-cpus", f"{os.cpu_count() / args.replicas:g}",
+                   "--max-batch-size", str(args.max_batch_size),
                    "--batch-wait-ms", str(args.batch_wait_ms), "--max-ongoing-requests", str(max(64, 2 * args.clients)),
                    "--task-store", str(args.work / "task-store"), "--batching" if batching else "--no-batching"]
         if args.threads:
@@ -320,6 +321,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: onnxruntime's)")
+    parser.add_argument("--replicas", type=int, default=1, help="worker replicas, sharing the machine's CPUs")
     parser.add_argument("--kinds", default="classify,generate")
     parser.add_argument("--only", choices=["compare", "half-peak", "soak"], action="append",
                         help="run only these parts (repeatable; default: compare and half-peak)")
