@@ -94,13 +94,13 @@ class Model:
 
 def _open_session(path: Path, kind: str, device: str, threads: int | None) -> GraphSession:
     """The graph's session; a fused decoder that this onnxruntime cannot load names the two fixes."""
-    if kind != fmt.FUSED_DECODER_KIND:
-        return GraphSession.open(path, device, threads)
     try:
         return GraphSession.open(path, device, threads)
     except DeviceError:
         raise
     except Exception as err:  # noqa: BLE001 (onnxruntime raises its own exception types)
+        if kind != fmt.FUSED_DECODER_KIND:
+            raise
         import onnxruntime as ort
         raise BundleError(f"{path} is a fused decoder graph (GroupQueryAttention with query_seqlens) that onnxruntime "
                           f"{ort.__version__} cannot load ({type(err).__name__}: {str(err)[:300]}); upgrade onnxruntime "

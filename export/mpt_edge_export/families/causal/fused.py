@@ -186,13 +186,14 @@ def export_fused_decoder(model: nn.Module, path: Path, share_head: bool = True) 
     onnx.save_model(proto, str(path))
 
 
-def fused_parity_cases(prompt_length: int, max_length: int) -> list[tuple[int, int, list[int], int]]:
-    """(batch, prompt l, token counts per row, decode steps after): a task's prompt prefill, requests from the
-    cached prompt KV at batch 1 and as ragged batches (short and long rows, one token), prompt + tokens from
-    scratch, and decode steps from the graph's own returned KV."""
+def fused_parity_cases(prompt_length: int, max_length: int) -> list[tuple[int, int, list[int], int, bool]]:
+    """(batch, prompt l, token counts per row, decode steps after, from scratch): a task's prompt prefill,
+    requests from the cached prompt KV at batch 1 and as ragged batches (short and long rows, one token), a
+    ragged batch of prompt + tokens from scratch (no cache), and decode steps from the graph's own returned KV."""
     short = min(8, max_length)
-    return [(1, prompt_length, [0], 0), (1, prompt_length, [3], 2), (3, prompt_length, [max_length, max_length // 2, 1], 2),
-            (4, prompt_length, [short, 1, short // 2, 2], 1)]
+    return [(1, prompt_length, [0], 0, True), (1, prompt_length, [3], 2, False),
+            (3, prompt_length, [max_length, max_length // 2, 1], 2, False),
+            (4, prompt_length, [short, 1, short // 2, 2], 1, True)]
 
 
 @torch.no_grad()
@@ -209,13 +210,14 @@ def fused_parity_report(model: nn.Module, graph: Path, prompt_length: int, max_l
     Max abs difference of the logits and features at each row's last real position. `dtype`: fp32 only (the graph
     is never converted to fp16: such exports use the traced graph)."""
     from mpt_edge_runtime.fused_decoder import FusedDecoderSession
+    from mpt_edge_runtime.generation import right_padded
     from mpt_edge_runtime.session import GraphSession
 
     steps = FusedDecoderSession.open(GraphSession.open(graph, "cpu"), model.get_input_embeddings().embedding_dim)
     generator = torch.Generator().manual_seed(1234)
     vocab, hidden = model.get_input_embeddings().num_embeddings, model.get_input_embeddings().embedding_dim
     cases = []
-    for batch, length, counts, decode_steps in fused_parity_cases(prompt_length, max_length):
+    for batch, length, counts, decode_steps, scratch in fused_parity_cases(prompt_length, max_length):
         prompts = [torch.randn(length, hidden, generator=generator) * 0.05 for _ in range(batch)]
         rows = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in counts]
         diffs, scale = [], 0.0
@@ -227,20 +229,22 @@ def fused_parity_report(model: nn.Module, graph: Path, prompt_length: int, max_l
                 diffs.append(max(float(np.abs(logits - got_logits[b]).max()), float(np.abs(features - got_features[b]).max())))
                 scale = max(scale, float(np.abs(logits).max()))
 
-        if counts == [0]:   # the prompt's own prefill
-            logits, features, _ = steps.step(np.zeros((1, 0), np.int64), prompts[0].numpy()[None],
-                                             np.array([length]), np.array([length]), steps.empty_past(1))
-            compare(logits, features, [[]])
+        caches = [steps.prefix(p.numpy()) for p in prompts]
+        if scratch:   # [prompt | tokens] through the graph with no cache (counts [0]: the prompt's own prefill)
+            ids, mask = right_padded(rows)
+            lengths = length + mask.sum(axis=1)
+            logits, features, present = steps.step(ids, torch.stack(prompts).numpy(), lengths, lengths,
+                                                   steps.empty_past(batch))
+            state = steps.state(present, lengths)
         else:
-            caches = [steps.prefix(p.numpy()) for p in prompts]
             logits, features, state = steps.start(list(zip(caches, rows)))
+        compare(logits, features, rows)
+        for _ in range(decode_steps):
+            fed = logits.argmax(axis=-1)
+            rows = [ids + [int(t)] for ids, t in zip(rows, fed)]
+            logits, state = steps.advance(state, fed)
+            _, features, _ = steps.start(list(zip(caches, rows)))   # features: the same rows, prefilled anew
             compare(logits, features, rows)
-            for _ in range(decode_steps):
-                fed = logits.argmax(axis=-1)
-                rows = [ids + [int(t)] for ids, t in zip(rows, fed)]
-                logits, state = steps.advance(state, fed)
-                _, features, _ = steps.start(list(zip(caches, rows)))   # features: the same rows, prefilled anew
-                compare(logits, features, rows)
         cases.append({"batch": batch, "prompt": length, "sequence": max(counts), "decode_steps": decode_steps,
                       "max_abs_diff": max(diffs), "scale": scale})
     return {"output": "logits, features", "cases": cases, "max_abs_diff": max(c["max_abs_diff"] for c in cases)}
