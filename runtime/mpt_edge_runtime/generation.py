@@ -184,7 +184,7 @@ def decode(steps: DecoderSession | Seq2SeqSession, rows: Sequence[tuple[object, 
     for step in range(config.max_new_tokens):
         tokens = np.where(done, eos[0], next_tokens(logits, config, rng))
         yield tokens
-        done |= np.isin(tokens, eos)
+        done |= (tokens[:, None] == eos).any(axis=1)   # np.isin costs 30 us a step
         if done.all() or step + 1 == config.max_new_tokens:
             return
         logits, state = steps.advance(state, tokens)
