@@ -259,8 +259,13 @@ def plot(suite: dict, runs: list[dict], path: Path) -> None:
 
 
 def save_panels(targets: list[str], draw, path: Path) -> None:
-    """One matplotlib panel per target, filled by `draw(ax, target)`, saved as a PNG at `path`."""
-    import matplotlib
+    """One matplotlib panel per target, filled by `draw(ax, target)`, saved as a PNG at `path` (skipped, with a
+    message, without matplotlib: hours of runs must not end in an ImportError)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): {path.name} not drawn", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -371,10 +376,11 @@ def run_suite(suite: dict, work_root: Path) -> None:
     markdown = table(suite, runs)
     if suite["curve"]:
         markdown += "\n" + curve_table(suite, runs)
-        curve_plot(suite, runs, HERE / "results" / f"quality-{suite['name']}-curve.png")
     report = {"suite": suite, "runs": runs, "table": markdown, "seconds_this_call": round(time.perf_counter() - started),
               "seconds_all_runs": round(sum(r["seconds"] for r in runs))}
     write_text_atomic(HERE / "results" / f"quality-{suite['name']}.json", json.dumps(report, indent=2) + "\n")
+    if suite["curve"]:
+        curve_plot(suite, runs, HERE / "results" / f"quality-{suite['name']}-curve.png")
     plot(suite, runs, HERE / "results" / f"quality-{suite['name']}.png")
     print(markdown)
 
