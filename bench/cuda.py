@@ -26,14 +26,15 @@ TEXT = ("a gorgeous, moving film whose actors never put a foot wrong, even when 
         "drags a little and the score is louder than it needs to be, but I would see it again tomorrow")
 
 
-def p50_ms(call, reps: int) -> float:
-    call()
+def p50_ms(call, reps: int) -> tuple[float, object]:
+    """(p50 ms of `reps` timed calls after one untimed, the last call's answer)."""
+    answer = call()
     times = []
     for _ in range(reps):
         tick = time.perf_counter()
-        call()
+        answer = call()
         times.append(time.perf_counter() - tick)
-    return round(1000 * statistics.median(times), 2)
+    return round(1000 * statistics.median(times), 2), answer
 
 
 def measure(engine, reps: int) -> dict:
@@ -43,13 +44,13 @@ def measure(engine, reps: int) -> dict:
     classify = next((t for t, kind in kinds.items() if kind == "classify"), None)
     if classify:
         for batch in (1, 8, 32):
-            result[f"classify b{batch}"] = p50_ms(lambda: engine.classify(classify, [TEXT] * batch), reps)
+            result[f"classify b{batch}"], _ = p50_ms(lambda: engine.classify(classify, [TEXT] * batch), reps)
     generate = next((t for t, kind in kinds.items() if kind == "generate"), None)
     if generate:
         params = mer.SamplingParams(max_new_tokens=32)
         for batch in (1, 8):
-            result[f"generate b{batch}"] = p50_ms(lambda: engine.generate(generate, [TEXT] * batch, params), reps)
-            result[f"generate b{batch} chars"] = len(engine.generate(generate, [TEXT], params)[0])
+            result[f"generate b{batch}"], texts = p50_ms(lambda: engine.generate(generate, [TEXT] * batch, params), reps)
+            result[f"generate b{batch} chars"] = len(texts[0])
     return result
 
 
