@@ -136,13 +136,10 @@ def ours_generate(steps, prefix, ids: list[int], batch: int, new_tokens: int) ->
 def ours_from_scratch(steps: FusedDecoderSession, prompt: np.ndarray, ids: list[int], batch: int,
                       new_tokens: int = 0) -> tuple[float, list[int]]:
     """(prefill s, greedy tokens) with the prompt vectors fed through the graph, no cache: genai's work."""
-    n = prompt.shape[0] + len(ids)
-    lengths = np.full(batch, n, np.int64)
+    prompts = np.repeat(prompt[None], batch, 0)
     tick = time.perf_counter()
-    logits, _, present = steps.step(np.array([ids] * batch, np.int64), np.repeat(prompt[None], batch, 0), lengths,
-                                    lengths, steps.empty_past(batch))
-    elapsed = time.perf_counter() - tick
-    state, out = steps.state(present, lengths), []
+    logits, _, state = steps.start_from_prompts(prompts, [ids] * batch)
+    elapsed, out = time.perf_counter() - tick, []
     for _ in range(new_tokens):
         token = logits.argmax(axis=-1)
         out.append(int(token[0]))

@@ -83,6 +83,14 @@ class FusedDecoderSession:
         logits, features, present = self.step(ids, self.no_prompt(len(rows)), lengths, total, past)
         return logits, features, self.state(present, total)
 
+    def start_from_prompts(self, prompts: np.ndarray, rows: Sequence[Sequence[int]]):
+        """[prompt | tokens] of every row through the graph with no cached KV, prompts (B, P, d) → logits (B, V),
+        features (B, d), state: the work of `prefix` and `start` in one call (a row may have no tokens)."""
+        ids, mask = right_padded(rows)
+        lengths = prompts.shape[1] + mask.sum(axis=1)
+        logits, features, present = self.step(ids, prompts, lengths, lengths, self.empty_past(len(rows)))
+        return logits, features, self.state(present, lengths)
+
     def state(self, present: Sequence[np.ndarray], total: np.ndarray):
         """The decoding state after a `step` that returned `present` with `total` (B,) positions per row."""
         return with_room(present, present[0].shape[2] + HEADROOM), total, None

@@ -210,7 +210,6 @@ def fused_parity_report(model: nn.Module, graph: Path, prompt_length: int, max_l
     Max abs difference of the logits and features at each row's last real position. `dtype`: fp32 only (the graph
     is never converted to fp16: such exports use the traced graph)."""
     from mpt_edge_runtime.fused_decoder import FusedDecoderSession
-    from mpt_edge_runtime.generation import right_padded
     from mpt_edge_runtime.session import GraphSession
 
     steps = FusedDecoderSession.open(GraphSession.open(graph, "cpu"), model.get_input_embeddings().embedding_dim)
@@ -231,11 +230,7 @@ def fused_parity_report(model: nn.Module, graph: Path, prompt_length: int, max_l
 
         caches = [steps.prefix(p.numpy()) for p in prompts]
         if scratch:   # [prompt | tokens] through the graph with no cache (counts [0]: the prompt's own prefill)
-            ids, mask = right_padded(rows)
-            lengths = length + mask.sum(axis=1)
-            logits, features, present = steps.step(ids, torch.stack(prompts).numpy(), lengths, lengths,
-                                                   steps.empty_past(batch))
-            state = steps.state(present, lengths)
+            logits, features, state = steps.start_from_prompts(torch.stack(prompts).numpy(), rows)
         else:
             logits, features, state = steps.start(list(zip(caches, rows)))
         compare(logits, features, rows)
