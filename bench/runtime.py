@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from mpt_edge import stages
 from mpt_edge.atomic import write_text_atomic
 from mpt_edge.backbones import load_backbone
 from mpt_edge.batching import encode_tasks
-from mpt_edge.bundle_source import bundle_source
+from mpt_edge.bundle_source import bundle_source, calibration_rows
 from mpt_edge.checkpoint import has_checkpoint
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
@@ -49,7 +50,7 @@ from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 from mpt_edge_export.bundle_writer import ExportOptions, write_bundle, write_task_file
 from mpt_edge_export.graph import PromptedFeatures
-from mpt_edge_export.transform import QUANT_RECIPES
+from mpt_edge_export.transform import CALIBRATED, QUANT_RECIPES
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import task_tensors
 from mpt_edge_runtime.text import encode_example, special_tokens
@@ -81,7 +82,9 @@ def setup(name: str, args) -> tuple:
         out = args.work / name / f"bundle-{tag}-{variant}"
         if not (out / fmt.MANIFEST).is_file():
             print(f"  exporting {variant} → {out}", flush=True)
-            write_bundle(source, out, ExportOptions(optimize=args.optimize, quantize=None if variant == "fp32" else variant,
+            calibrated = replace(source, calibration=calibration_rows(trained, backbone, default_data_dir())) \
+                if variant in CALIBRATED else source
+            write_bundle(calibrated, out, ExportOptions(optimize=args.optimize, quantize=None if variant == "fp32" else variant,
                                                     kv_cache=args.kv_cache or None))
         bundles[variant] = out
     return backbone, source, bundles
@@ -356,7 +359,8 @@ def kernel_peaks(threads: int, variants: list[str], shape=(576, 1536), rows=(1, 
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), paths["fp32"])
         for variant in variants:
             paths[variant] = Path(folder) / f"{variant}.onnx"
-            quantize(paths["fp32"], paths[variant], variant)
+            calibration = [{"x": rng.standard_normal((8, k)).astype(np.float32)}] if variant in CALIBRATED else ()
+            quantize(paths["fp32"], paths[variant], variant, calibration)
         sessions = {v: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for v, p in paths.items()}
         for m in rows:
             x = rng.standard_normal((m, k)).astype(np.float32)

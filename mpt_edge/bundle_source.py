@@ -6,6 +6,8 @@ where it has one), so the runtime scores every family the same way: logits = fea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -13,6 +15,8 @@ import mpt_edge
 from mpt_edge.scoring import verbalizer_ids, verbalizer_sequences
 from mpt_edge.trained import Trained
 from mpt_edge_export.bundle_writer import BundleSource, ExportError, ExportTask
+
+CALIBRATION_ROWS = 64   # per task; activation maxima settle within a few batches
 
 
 def backbone_facts(backbone) -> dict:
@@ -51,6 +55,17 @@ def bundle_source(trained: Trained, backbone) -> BundleSource:
         tokenizer=backbone.tokenizer, groups=[g.numpy() for g in tensors["prompt.shared"]], tasks=tasks,
         extra={"versions": {"mpt-edge": mpt_edge.__version__}, "pooling": pooling if backbone.family.uses_heads else None,
                "source_checkpoint": {"stage": trained.meta.stage, "step": trained.meta.step}})
+
+
+def calibration_rows(trained: Trained, backbone, data: Path, per_task: int = CALIBRATION_ROWS) -> dict[str, list[list[int]]]:
+    """Token ids of up to `per_task` training examples of each task, encoded as the runtime encodes requests: the
+    rows calibrated quantization (`--quantize int8-smooth`) measures activation ranges on (train split: the dev
+    split stays for the accuracy check)."""
+    from mpt_edge.batching import encode_tasks
+    from mpt_edge.datasets import load_split
+
+    train = load_split([s.name for s in trained.specs], data, "train", limit=per_task)
+    return {e.spec.name: e.ids for e in encode_tasks(train, backbone.tokenizer, trained.meta.max_length)}
 
 
 def _sequences(spec, backbone) -> dict:

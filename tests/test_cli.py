@@ -80,6 +80,11 @@ def test_quantized_export_reports_its_dev_accuracy_from_the_command_line(workspa
     assert set(manifest["quantization_dev_accuracy"]["mood"]) == {"fp32", "quantized", "n"}
     result = invoke("inspect", tmp_path / "bundle")
     assert result.exit_code == 0 and "parity quantized" in result.stdout
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "smooth", "--quantize", "int8-smooth",
+                    *common(workspace), "--eval-limit", "16")   # calibrated on the task's train split
+    assert result.exit_code == 0, result.output
+    smooth = json.loads((tmp_path / "smooth" / "manifest.json").read_text())["graph"]["quantize"]
+    assert smooth["recipe"] == "int8-smooth" and smooth["smoothed_inputs"] > 0 and smooth["calibration_feeds"] > 0
     result = invoke("export", tmp_path / "pt", "--out", tmp_path / "other", "--quantize", "int3", *common(workspace))
     assert result.exit_code == 1 and "--quantize 'int3' is not one of int8, " in result.output
 

@@ -93,7 +93,7 @@ def test_models_without_a_fused_form_say_why():
     assert fusable(tiny_gqa_llama().model) is None
 
 
-def _bundle(backbone, out, **options):
+def _bundle(backbone, out, calibration: bool = False, **options):
     dim = 64
     g = torch.Generator().manual_seed(3)
     tasks = [ExportTask({"name": "echo", "kind": "generate", "labels": [], "template": "{text} :", "verbalizers": [],
@@ -102,7 +102,8 @@ def _bundle(backbone, out, **options):
                         (1 + 0.3 * torch.randn(2, dim, generator=g)).numpy(), np.zeros((0, dim), np.float32),
                         np.zeros((0,), np.float32))]
     source = BundleSource("causal", backbone_facts(backbone), backbone.model, backbone.family.adapter(),
-                          backbone.tokenizer, [(torch.randn(PROMPT_LENGTH, dim, generator=g) * 0.5).numpy()], tasks)
+                          backbone.tokenizer, [(torch.randn(PROMPT_LENGTH, dim, generator=g) * 0.5).numpy()], tasks,
+                          calibration={"echo": [ids_of(backbone, t) for t in TEXTS]} if calibration else {})
     return write_bundle(source, out, ExportOptions(max_length=16, **options))
 
 
@@ -112,7 +113,8 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     manifests = {name: _bundle(backbone, root / name, **options)
                  for name, options in {"fused": {}, "traced": {"fuse": False}, "int4": {"quantize": "int4"},
-                                       "int8-mixed": {"quantize": "int8-mixed"}}.items()}
+                                       "int8-mixed": {"quantize": "int8-mixed"},
+                                       "int8-smooth": {"quantize": "int8-smooth", "calibration": True}}.items()}
     return backbone, root, manifests
 
 
@@ -127,6 +129,8 @@ def test_export_writes_the_fused_graph_by_default_with_parity(bundles):
     int8 = manifests["int8-mixed"]   # dynamic int8 through the contrib ops; the FFN output projections stay fp32
     assert int8["graph"]["kind"] == "decoder-fused" and int8["graph"]["quantize"]["kept_fp32"] == 2
     assert json.loads((root / "int4" / "manifest.json").read_text())["graph"]["kind"] == "decoder-fused"
+    smooth = manifests["int8-smooth"]["graph"]["quantize"]   # per layer qkv, o, gate + up, down; and the LM head
+    assert smooth["smoothed_inputs"] == 2 * 4 + 1 and smooth["per_channel"] and smooth["calibration_feeds"] == 1
 
 
 def test_fused_and_traced_bundles_generate_the_same_text_and_stream_it(bundles):
@@ -136,7 +140,7 @@ def test_fused_and_traced_bundles_generate_the_same_text_and_stream_it(bundles):
     assert fused.generate("echo", texts, max_new_tokens=6) == traced.generate("echo", texts, max_new_tokens=6)
     streamed = "".join(fused.stream("echo", texts[0], max_new_tokens=6))
     assert streamed == fused.generate("echo", texts[:1], max_new_tokens=6)[0]
-    for recipe in ("int4", "int8-mixed"):
+    for recipe in ("int4", "int8-mixed", "int8-smooth"):
         quantized = load(root / recipe, device="cpu", threads=1).generate("echo", texts, max_new_tokens=6)
         assert len(quantized) == 3 and all(isinstance(t, str) for t in quantized)
 

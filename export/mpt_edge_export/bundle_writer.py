@@ -17,12 +17,14 @@ from safetensors.numpy import save as save_tensors
 
 from mpt_edge.errors import ExportError, ParityError  # noqa: F401  (defined with the other project errors)
 from mpt_edge_export import transform
+from mpt_edge_export.calibration import calibration_feeds
 from mpt_edge_export.families import FAMILIES, family_named
 from mpt_edge_export.graph import DEFAULT_OPSET, PromptedFeatures, export_graph, traced_attention
 from mpt_edge_export.parity import check_parity, parity_report
 from mpt_edge_runtime import format as fmt
 from mpt_edge_runtime.bundle import file_sha256
 from mpt_edge_runtime.manifest import Manifest
+from mpt_edge_runtime.task_table import compose
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class BundleSource:
     groups: list[np.ndarray]       # shared prompts P*, each (l, d)
     tasks: list[ExportTask]
     extra: dict = field(default_factory=dict)
+    calibration: dict[str, list[list[int]]] = field(default_factory=dict)   # task name → token-id rows that
+                                   # calibrated quantization recipes (transform.CALIBRATED) run through the graph
 
 
 def write_bundle(source: BundleSource, out: Path, options: ExportOptions = ExportOptions(), log=lambda msg: None) -> dict:
@@ -226,7 +230,8 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
     if options.quantize:
         log(f"quantizing ({options.quantize})")
         for path in paths:
-            transforms["quantize"] = _replace(path, lambda dst: transform.quantize(path, dst, options.quantize))
+            feeds = _calibration(source, path, entry["kind"]) if options.quantize in transform.CALIBRATED else ()
+            transforms["quantize"] = _replace(path, lambda dst: transform.quantize(path, dst, options.quantize, feeds))
         parity["quantized"] = report()  # reported, not enforced: quantization is approximate by design
     if options.dtype == "fp16":
         log("converting to fp16")
@@ -234,6 +239,13 @@ def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, len
             _replace(path, lambda dst: transform.to_fp16(path, dst))
         parity["fp16"] = report(np.float16)  # reported: fp16 rounding is expected
     return {**entry, "opset": options.opset, "dtype": options.dtype, **transforms}, parity
+
+
+def _calibration(source: BundleSource, graph: Path, kind: str) -> list[dict[str, np.ndarray]]:
+    """Feeds of the source's calibration rows, each task's rows after its composed prompt."""
+    tasks = [(compose(source.groups[t.spec["group"]], t.u, t.v), source.calibration.get(t.spec["name"], []))
+             for t in source.tasks]
+    return calibration_feeds(graph, kind, tasks)
 
 
 def _generation_graphs(source: BundleSource, folder: Path, options: ExportOptions, length: int, log):

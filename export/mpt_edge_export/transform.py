@@ -10,12 +10,15 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 from mpt_edge.errors import ExportError
+from mpt_edge_export import smoothing
 
 # the FFN output projections (Llama-style down_proj, GPT-2 mlp.c_proj, T5 wo; BERT's output.dense pattern also
 # matches its attention.output.dense), the MatMuls most sensitive to int8 activations
@@ -53,14 +56,29 @@ class WeightOnly:
             raise ExportError(f"accuracy_level is 0 to 4 (onnxruntime's MatMulNBits), not {self.accuracy_level}")
 
 
-QUANT_RECIPES: dict[str, DynamicInt8 | WeightOnly] = {
+@dataclass(frozen=True)
+class SmoothInt8:
+    """SmoothQuant (`smoothing.py`): each weight MatMul's activation outliers moved into its weights with strength
+    `alpha`, from calibration rows run through the graph, then dynamic int8 with per-channel weights."""
+
+    alpha: float = 0.5
+    keep_fp32: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ExportError(f"SmoothQuant's alpha is in [0, 1], not {self.alpha}")
+
+
+QUANT_RECIPES: dict[str, DynamicInt8 | WeightOnly | SmoothInt8] = {
     "int8": DynamicInt8(),                            # every MatMul, per-tensor: fast, least accurate
     "int8-per-channel": DynamicInt8(per_channel=True),
     "int8-mixed": DynamicInt8(keep_fp32=FFN_OUTPUT),  # FFN output projections in fp32
     "int4": WeightOnly(bits=4),                       # onnxruntime-genai's CPU default: block 32, int8 compute
     "int4-fp32": WeightOnly(bits=4, accuracy_level=1),  # int4 weights, fp32 compute
     "int8-block": WeightOnly(bits=8),                 # 8-bit blocks, int8 compute
+    "int8-smooth": SmoothInt8(),                      # SmoothQuant + per-channel int8 (needs calibration rows)
 }
+CALIBRATED = tuple(name for name, spec in QUANT_RECIPES.items() if isinstance(spec, SmoothInt8))
 DTYPES = ("fp32", "fp16")
 
 
@@ -97,13 +115,26 @@ def optimize(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def quantize(src: Path, dst: Path, recipe: str) -> dict:
-    """`src` quantized by the named recipe of QUANT_RECIPES into `dst`; returns what was quantized and kept."""
+def quantize(src: Path, dst: Path, recipe: str, calibration: Sequence[dict[str, np.ndarray]] = ()) -> dict:
+    """`src` quantized by the named recipe of QUANT_RECIPES into `dst`; returns what was quantized and kept.
+    `calibration`: graph feeds to measure activation ranges with (the recipes in CALIBRATED need them)."""
     if recipe not in QUANT_RECIPES:
         raise ExportError(f"quantization recipe {recipe!r} is not one of {', '.join(QUANT_RECIPES)}")
     spec = QUANT_RECIPES[recipe]
     matmuls = weight_matmul_names(src)
     kept = [n for n in matmuls if spec.keep_fp32 and re.search(spec.keep_fp32, n)]
+    if isinstance(spec, SmoothInt8):
+        if not calibration:
+            raise ExportError(f"--quantize {recipe} measures activation ranges on calibration rows: give the "
+                              "tasks' training data (mpt-edge export --data DIR), or choose another recipe")
+        smoothed = dst.with_name(dst.name + ".smoothed")
+        try:
+            report = smoothing.smooth(src, smoothed, smoothing.activation_ranges(src, calibration), spec.alpha)
+            report |= _dynamic_int8(smoothed, dst, DynamicInt8(per_channel=True), kept)
+        finally:
+            smoothed.unlink(missing_ok=True)
+        return {"recipe": recipe, **report, "calibration_feeds": len(calibration), "matmuls": len(matmuls),
+                "kept_fp32": len(kept)}
     method = _weight_only if isinstance(spec, WeightOnly) else _dynamic_int8
     return {"recipe": recipe, **method(src, dst, spec, kept), "matmuls": len(matmuls), "kept_fp32": len(kept)}
 

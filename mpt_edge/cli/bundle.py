@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,7 +27,7 @@ def export_command(
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
     config: Config = None, backbone: CheckpointBackbone = None,
     optimize: Annotated[bool, typer.Option(help="onnxruntime graph optimizations, saved in the graph.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="For CPU: int4, int4-fp32, int8-block (weight-only MatMulNBits) or int8, int8-per-channel, int8-mixed (dynamic); see docs/performance.md#quantization.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="For CPU: int4, int4-fp32, int8-block (weight-only MatMulNBits), int8, int8-per-channel, int8-mixed (dynamic) or int8-smooth (SmoothQuant, calibrated on the tasks' train split); see docs/performance.md#quantization.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
@@ -41,9 +42,10 @@ def export_command(
     """
     check_writable(out.parent, keep=False)   # the bundle is built in a temp folder beside --out
     from mpt_edge.backbones import load_backbone
-    from mpt_edge.bundle_source import bundle_source
+    from mpt_edge.bundle_source import bundle_source, calibration_rows
     from mpt_edge.trained import load_trained
     from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
+    from mpt_edge_export.transform import CALIBRATED
     from mpt_edge_runtime import format as fmt
 
     trained = load_trained(checkpoint)
@@ -51,7 +53,10 @@ def export_command(
                             max_length=trained.meta.max_length, kv_cache=kv_cache)
     bb = load_backbone(checkpoint_backbone(trained, checkpoint, backbone))
     trained.check_backbone(bb, checkpoint)
-    manifest = write_bundle(bundle_source(trained, bb), out, options, log=lambda msg: typer.echo(msg, err=True))
+    source = bundle_source(trained, bb)
+    if quantize in CALIBRATED:
+        source = replace(source, calibration=calibration_rows(trained, bb, data_dir(data)))
+    manifest = write_bundle(source, out, options, log=lambda msg: typer.echo(msg, err=True))
     parity = manifest["parity"]
     graph = manifest["graph"]
     kind = {fmt.DECODER_KIND: "generation graph with KV cache",
