@@ -7,6 +7,7 @@ MatMulNBits weights that dequantize to them, fp32 only where the recipe keeps it
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -77,7 +78,9 @@ def exported(request, tmp_path_factory):
     encoded = encode_tasks([synthetic_task(name, 32) for name in TASKS], backbone.tokenizer, CFG.max_length)
     fit(stages.prompt_tuning("pt", backbone, encoded, CFG, PromptConfig(length=4)), encoded, CFG, folder / "pt",
         progress=False)
-    source = bundle_source(load_trained(folder / "pt"), backbone)
+    # calibration rows (what int8-smooth measures activations on): the training rows, as `mpt-edge export` takes them
+    source = replace(bundle_source(load_trained(folder / "pt"), backbone),
+                     calibration={task.spec.name: task.ids[:16] for task in encoded})
     traced = {}
 
     def trace_once(wrapper, path, *args):
@@ -125,22 +128,29 @@ def weight_matmuls(graph) -> dict[str, np.ndarray]:
 def check_int8_graph(fp32_graph, int8_graph, recipe: str, ffn_output: str) -> tuple[int, int]:
     """Every fp32 weight MatMul is either kept in fp32 (int8-mixed: exactly the FFN output projections) or became
     a MatMulInteger fed by a dynamically quantized activation, whose int8 weight uses the full range of its recipe
-    and dequantizes to the fp32 weight within half a step. → (how many were quantized, how many kept)."""
-    per_channel = transform.QUANT_RECIPES[recipe].per_channel
+    and dequantizes to the fp32 weight within half a step; for int8-smooth, to diag(s) · weight, where the
+    activation is first multiplied by 1 / s. → (how many were quantized, how many kept)."""
+    smoothed = isinstance(transform.QUANT_RECIPES[recipe], transform.SmoothInt8)
+    per_channel = smoothed or transform.QUANT_RECIPES[recipe].per_channel
     qmax = 64 if per_channel else 127          # per-channel weights are 7-bit (reduce_range): no u8 × s8 saturation
     originals = weight_matmuls(fp32_graph)
     kept = {name for name in originals if recipe == "int8-mixed" and re.search(ffn_output, name)}
     left = weight_matmuls(int8_graph).keys()
     assert left == kept, f"weight MatMuls in fp32: {sorted(left)}; the recipe keeps {sorted(kept)}"
     init = {t.name: numpy_helper.to_array(t) for t in int8_graph.initializer}
-    producers = {out: n.op_type for n in int8_graph.node for out in n.output}
+    producers = {out: n for n in int8_graph.node for out in n.output}
     quantized = {n.name: n for n in int8_graph.node if n.op_type == "MatMulInteger"}
     for name, weight in originals.items():
         if name in kept:
             continue
         assert name + "_quant" in quantized, f"{name} was neither quantized nor kept"
         node = quantized[name + "_quant"]
-        assert producers[node.input[0]] == "DynamicQuantizeLinear"
+        activation = producers[node.input[0]]
+        assert activation.op_type == "DynamicQuantizeLinear"
+        if smoothed:   # x · (1 / s) before quantization, the weight's row j multiplied by s_j
+            smooth = producers[activation.input[0]]
+            assert smooth.op_type == "Mul" and smooth.name.endswith(".smooth")
+            weight = weight / init[smooth.input[1]][:, None]
         q, zero = init[node.input[1]], init[node.input[3]]
         scale = init[node.input[1].replace("_quantized", "_scale")]
         assert q.dtype == np.int8 and not zero.any() and scale.shape == ((weight.shape[1],) if per_channel else ())
@@ -200,7 +210,7 @@ def test_quantized_bundle_graph_holds_the_recipe(exported, recipe):
         return
     quantized, kept = check_int8_graph(graph("fp32"), graph(recipe), recipe, FFN_OUTPUT[name])
     assert quantized > 0 and (kept > 0) == (recipe == "int8-mixed")
-    per_channel = transform.QUANT_RECIPES[recipe].per_channel
+    per_channel = getattr(transform.QUANT_RECIPES[recipe], "per_channel", True)   # int8-smooth: per channel
     assert (info["recipe"], info["per_channel"], info["kept_fp32"]) == (recipe, per_channel, kept)
 
 
