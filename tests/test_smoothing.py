@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import tiny_gqa_llama
 from mpt_edge.errors import ExportError
-from mpt_edge_export import smoothing
+from mpt_edge_export import smoothing, transform
 from mpt_edge_export.calibration import calibration_feeds
 from mpt_edge_export.families.causal.fused import export_fused_decoder
 from mpt_edge_export.transform import quantize
@@ -59,7 +59,7 @@ def test_smoothing_keeps_the_product_and_shrinks_int8_error(tmp_path):
     ranges = smoothing.activation_ranges(tmp_path / "f.onnx", calibration)
     assert list(ranges) == ["h"] and ranges["h"][:3].min() > 50 * ranges["h"][3:].max() / 3
     report = smoothing.smooth(tmp_path / "f.onnx", tmp_path / "s.onnx", ranges, alpha=0.5)
-    assert report == {"smoothed_inputs": 1, "smoothed_matmuls": 2, "alpha": 0.5}
+    assert report == {"smoothed_inputs": 1, "smoothed_matmuls": 2, "alpha": 0.5, "keep_fp32": []}
     (expected,) = run(tmp_path / "f.onnx", held_out)
     (smoothed,) = run(tmp_path / "s.onnx", held_out)
     np.testing.assert_allclose(smoothed, expected, rtol=1e-4, atol=1e-3)
@@ -103,3 +103,18 @@ def test_smoothing_the_fused_generation_graph_keeps_its_outputs(tmp_path):
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     with pytest.raises(ExportError, match="features graph or the fused generation graph"):
         calibration_feeds(path, fmt.DECODER_KIND, [(prompt, [[1, 2]])])
+
+
+def test_an_input_still_spread_after_smoothing_keeps_its_matmuls_in_fp32(tmp_path, monkeypatch):
+    two_projections(tmp_path / "f.onnx")
+    ranges = smoothing.activation_ranges(tmp_path / "f.onnx", [{"x": outlier_rows(64, 1)}])
+    smoothed_spread = smoothing.spread(ranges["h"] / np.sqrt(ranges["h"]))   # W ~ N(0, 1): max |W_j| about the same
+    assert 3 < smoothed_spread < 30 < smoothing.spread(ranges["h"])
+    report = smoothing.smooth(tmp_path / "f.onnx", tmp_path / "s.onnx", ranges, max_spread=2.0)
+    assert report["smoothed_inputs"] == 0 and report["keep_fp32"] == ["q/MatMul", "k/MatMul"]
+    monkeypatch.setitem(transform.QUANT_RECIPES, "int8-smooth", transform.SmoothInt8(max_spread=2.0))
+    info = quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", "int8-smooth", [{"x": outlier_rows(64, 1)}])
+    assert info["kept_fp32"] == 2 and info["kept_fp32_nodes"] == ["q/MatMul", "k/MatMul"]
+    assert transform.op_counts(tmp_path / "q.onnx")["MatMul"] == 2
+    with pytest.raises(ExportError, match="max_spread"):
+        transform.SmoothInt8(max_spread=0.5)

@@ -57,8 +57,17 @@ def activation_ranges(graph: Path, feeds: Iterable[dict[str, np.ndarray]]) -> di
     return ranges
 
 
-def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float = 0.5) -> dict:
-    """`src` with every calibrated MatMul input smoothed (see the module docstring) written to `dst`."""
+def spread(channel_max: np.ndarray) -> float:
+    """Largest channel range over the median one: with one int8 scale per tensor, the median channel gets about
+    256 / spread quantization steps."""
+    return float(channel_max.max() / max(float(np.median(channel_max)), EPS))
+
+
+def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float = 0.5,
+           max_spread: float = float("inf")) -> dict:
+    """`src` with every calibrated MatMul input smoothed (see the module docstring) written to `dst`. An input
+    whose smoothed channel ranges still `spread` more than `max_spread` is left as it was, and its MatMuls are
+    listed under "keep_fp32" (int8 activations cannot resolve it: keep those in fp32)."""
     if not 0.0 <= alpha <= 1.0:
         raise ExportError(f"SmoothQuant's alpha is in [0, 1], not {alpha}")
     model = onnx.load(str(src))
@@ -68,12 +77,16 @@ def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float = 0
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     groups = {name: nodes for name, nodes in weight_matmuls(model).items() if name in ranges}
-    inserted = {}
-    for name, nodes in groups.items():
+    inserted, keep = {}, []
+    for name, nodes in list(groups.items()):
         weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         scale = (np.maximum(ranges[name], EPS) ** alpha / np.maximum(weight_max, EPS) ** (1 - alpha)).astype(np.float32)
         scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32)
+        if spread(ranges[name] / scale) > max_spread:
+            keep += [n.name for n in nodes]
+            del groups[name]
+            continue
         for node, weight in zip(nodes, weights):
             scaled = numpy_helper.from_array((weight * scale[:, None]).astype(np.float32),
                                              node.input[1] if uses[node.input[1]] == 1 else f"{node.name}.smoothed_weight")
@@ -94,4 +107,5 @@ def smooth(src: Path, dst: Path, ranges: dict[str, np.ndarray], alpha: float = 0
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     onnx.save(model, str(dst))
-    return {"smoothed_inputs": len(groups), "smoothed_matmuls": sum(len(n) for n in groups.values()), "alpha": alpha}
+    return {"smoothed_inputs": len(groups), "smoothed_matmuls": sum(len(n) for n in groups.values()), "alpha": alpha,
+            "keep_fp32": keep}

@@ -62,11 +62,14 @@ class SmoothInt8:
     `alpha`, from calibration rows run through the graph, then dynamic int8 with per-channel weights."""
 
     alpha: float = 0.5
+    max_spread: float = float("inf")   # an input still spread wider after smoothing keeps its MatMuls in fp32
     keep_fp32: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise ExportError(f"SmoothQuant's alpha is in [0, 1], not {self.alpha}")
+        if self.max_spread < 1.0:
+            raise ExportError(f"max_spread is a ratio of channel ranges (>= 1), not {self.max_spread}")
 
 
 QUANT_RECIPES: dict[str, DynamicInt8 | WeightOnly | SmoothInt8] = {
@@ -129,12 +132,14 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Sequence[dict[str, 
                               "tasks' training data (mpt-edge export --data DIR), or choose another recipe")
         smoothed = dst.with_name(dst.name + ".smoothed")
         try:
-            report = smoothing.smooth(src, smoothed, smoothing.activation_ranges(src, calibration), spec.alpha)
+            report = smoothing.smooth(src, smoothed, smoothing.activation_ranges(src, calibration), spec.alpha,
+                                      spec.max_spread)
+            kept += [n for n in report.pop("keep_fp32") if n not in kept]
             report |= _dynamic_int8(smoothed, dst, DynamicInt8(per_channel=True), kept)
         finally:
             smoothed.unlink(missing_ok=True)
         return {"recipe": recipe, **report, "calibration_feeds": len(calibration), "matmuls": len(matmuls),
-                "kept_fp32": len(kept)}
+                "kept_fp32": len(kept), "kept_fp32_nodes": kept}
     method = _weight_only if isinstance(spec, WeightOnly) else _dynamic_int8
     return {"recipe": recipe, **method(src, dst, spec, kept), "matmuls": len(matmuls), "kept_fp32": len(kept)}
 
