@@ -79,7 +79,7 @@ QUANT_RECIPES: dict[str, DynamicInt8 | WeightOnly | SmoothInt8] = {
     "int4": WeightOnly(bits=4),                       # onnxruntime-genai's CPU default: block 32, int8 compute
     "int4-fp32": WeightOnly(bits=4, accuracy_level=1),  # int4 weights, fp32 compute
     "int8-block": WeightOnly(bits=8),                 # 8-bit blocks, int8 compute
-    "int8-smooth": SmoothInt8(),                      # SmoothQuant + per-channel int8 (needs calibration rows)
+    "int8-smooth": SmoothInt8(alpha=0.8),             # SmoothQuant + per-channel int8 (needs calibration rows)
 }
 CALIBRATED = tuple(name for name, spec in QUANT_RECIPES.items() if isinstance(spec, SmoothInt8))
 DTYPES = ("fp32", "fp16")
