@@ -178,15 +178,17 @@ def measure_accuracy(engines: dict, dev, cosine_rows: int) -> dict:
     encoded = sorted(encode_example(tokenizer, entry.template, {"text": t}, entry.max_length, specials)
                      for t in texts[:cosine_rows])
     features = {k: _features(e, entry.prompt, encoded) for k, e in engines.items()}
+    predicted = {k: np.array([p.label for p in e.classify(TASK, texts)]) for k, e in engines.items()}
+    right = {k: (p == np.array(gold)).astype(float) for k, p in predicted.items()}
     results = {}
-    for key, engine in engines.items():
-        predicted = [p.label for p in engine.classify(TASK, texts)]
+    for key in engines:
         a, b = features[key], features["fp32"]
         cosine = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-        results[key] = {"accuracy": 100 * float(np.mean([p == g for p, g in zip(predicted, gold)])),
-                        "min_cosine_vs_fp32": float(cosine.min())}
-    for r in results.values():
-        r["points_vs_fp32"] = r["accuracy"] - results["fp32"]["accuracy"]
+        change = right[key] - right["fp32"]    # per example: +1 fixed, -1 broken, 0 same
+        results[key] = {"accuracy": 100 * float(right[key].mean()), "min_cosine_vs_fp32": float(cosine.min()),
+                        "points_vs_fp32": 100 * float(change.mean()),
+                        "points_vs_fp32_95": 100 * 1.96 * float(change.std(ddof=1) / np.sqrt(len(change))),
+                        "flipped_vs_fp32": 100 * float(np.mean(predicted[key] != predicted["fp32"]))}
     return {"examples": len(texts), "cosine_rows": len(encoded), "variants": results}
 
 
@@ -490,9 +492,11 @@ def parse_args():
 
 
 def print_backbone(name: str, r: dict, peak: dict, variants: list[str]) -> None:
-    print(f"\n{name}: dev accuracy ({r['accuracy']['examples']} examples) / points vs fp32 / min cosine vs fp32")
+    print(f"\n{name}: dev accuracy ({r['accuracy']['examples']} examples) / points vs fp32 ± paired 95% / "
+          "labels flipped vs fp32 (%) / min cosine vs fp32")
     for k, v in r["accuracy"]["variants"].items():
-        print(f"  {k:<17} {v['accuracy']:6.1f} {v['points_vs_fp32']:+6.1f} {v['min_cosine_vs_fp32']:.5f}")
+        print(f"  {k:<17} {v['accuracy']:6.1f} {v['points_vs_fp32']:+6.1f} ± {v['points_vs_fp32_95']:.1f} "
+              f"{v['flipped_vs_fp32']:5.1f} {v['min_cosine_vs_fp32']:.5f}")
     m, t, c, a = r["mixed"], r["tasks"], r["cold_start"], r["achieved"]
     print(f"  mixed/single batch {m['batch']}: {m['mixed_vs_single']:.3f}×; " if m else "  mixed: one task; ",
           end="")

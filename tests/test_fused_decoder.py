@@ -114,6 +114,7 @@ def bundles(tmp_path_factory):
     manifests = {name: _bundle(backbone, root / name, **options)
                  for name, options in {"fused": {}, "traced": {"fuse": False}, "int4": {"quantize": "int4"},
                                        "int8-mixed": {"quantize": "int8-mixed"},
+                                       "int8-mixed-per-channel": {"quantize": "int8-mixed-per-channel"},
                                        "int8-smooth": {"quantize": "int8-smooth", "calibration": True}}.items()}
     return backbone, root, manifests
 
@@ -128,6 +129,8 @@ def test_export_writes_the_fused_graph_by_default_with_parity(bundles):
     assert "quantized" in int4["parity"]
     int8 = manifests["int8-mixed"]   # dynamic int8 through the contrib ops; the FFN output projections stay fp32
     assert int8["graph"]["kind"] == "decoder-fused" and int8["graph"]["quantize"]["kept_fp32"] == 2
+    per_channel = manifests["int8-mixed-per-channel"]["graph"]["quantize"]
+    assert per_channel["kept_fp32"] == 2 and per_channel["per_channel"] and not int8["graph"]["quantize"]["per_channel"]
     assert json.loads((root / "int4" / "manifest.json").read_text())["graph"]["kind"] == "decoder-fused"
     smooth = manifests["int8-smooth"]["graph"]["quantize"]   # per layer qkv, o, gate + up, down; and the LM head
     assert smooth["smoothed_inputs"] == 2 * 4 + 1 and smooth["per_channel"] and smooth["calibration_feeds"] == 1
@@ -140,7 +143,7 @@ def test_fused_and_traced_bundles_generate_the_same_text_and_stream_it(bundles):
     assert fused.generate("echo", texts, max_new_tokens=6) == traced.generate("echo", texts, max_new_tokens=6)
     streamed = "".join(fused.stream("echo", texts[0], max_new_tokens=6))
     assert streamed == fused.generate("echo", texts[:1], max_new_tokens=6)[0]
-    for recipe in ("int4", "int8-mixed", "int8-smooth"):
+    for recipe in ("int4", "int8-mixed", "int8-mixed-per-channel", "int8-smooth"):
         quantized = load(root / recipe, device="cpu", threads=1).generate("echo", texts, max_new_tokens=6)
         assert len(quantized) == 3 and all(isinstance(t, str) for t in quantized)
 

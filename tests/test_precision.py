@@ -35,6 +35,7 @@ from test_generation import tiny_gpt2_backbone
 RECIPES = tuple(transform.QUANT_RECIPES)     # every --quantize mode the exporter accepts
 DYNAMIC = tuple(r for r in RECIPES if isinstance(transform.QUANT_RECIPES[r], transform.DynamicInt8))
 WEIGHT_ONLY = tuple(r for r in RECIPES if isinstance(transform.QUANT_RECIPES[r], transform.WeightOnly))
+KEEPS_FFN_OUTPUT = tuple(r for r in RECIPES if transform.QUANT_RECIPES[r].keep_fp32 == transform.FFN_OUTPUT)
 MODES = (*RECIPES, "fp16")
 TASKS = ("polarity", "topic")
 CFG = TrainConfig(steps=30, batch_size=8, max_length=24, checkpoint_every=30, lr_prompt=0.3)
@@ -126,7 +127,7 @@ def weight_matmuls(graph) -> dict[str, np.ndarray]:
 
 
 def check_int8_graph(fp32_graph, int8_graph, recipe: str, ffn_output: str) -> tuple[int, int]:
-    """Every fp32 weight MatMul is either kept in fp32 (int8-mixed: exactly the FFN output projections) or became
+    """Every fp32 weight MatMul is either kept in fp32 (int8-mixed*: exactly the FFN output projections) or became
     a MatMulInteger fed by a dynamically quantized activation, whose int8 weight uses the full range of its recipe
     and dequantizes to the fp32 weight within half a step; for int8-smooth, to diag(s) · weight, where the
     activation is first multiplied by 1 / s. → (how many were quantized, how many kept)."""
@@ -134,7 +135,7 @@ def check_int8_graph(fp32_graph, int8_graph, recipe: str, ffn_output: str) -> tu
     per_channel = smoothed or transform.QUANT_RECIPES[recipe].per_channel
     qmax = 64 if per_channel else 127          # per-channel weights are 7-bit (reduce_range): no u8 × s8 saturation
     originals = weight_matmuls(fp32_graph)
-    kept = {name for name in originals if recipe == "int8-mixed" and re.search(ffn_output, name)}
+    kept = {name for name in originals if recipe in KEEPS_FFN_OUTPUT and re.search(ffn_output, name)}
     left = weight_matmuls(int8_graph).keys()
     assert left == kept, f"weight MatMuls in fp32: {sorted(left)}; the recipe keeps {sorted(kept)}"
     init = {t.name: numpy_helper.to_array(t) for t in int8_graph.initializer}
@@ -209,7 +210,7 @@ def test_quantized_bundle_graph_holds_the_recipe(exported, recipe):
         assert quantized > 0 and info["quantized"] == quantized and info["kept_fp32"] == 0
         return
     quantized, kept = check_int8_graph(graph("fp32"), graph(recipe), recipe, FFN_OUTPUT[name])
-    assert quantized > 0 and (kept > 0) == (recipe == "int8-mixed")
+    assert quantized > 0 and (kept > 0) == (recipe in KEEPS_FFN_OUTPUT)
     per_channel = getattr(transform.QUANT_RECIPES[recipe], "per_channel", True)   # int8-smooth: per channel
     assert (info["recipe"], info["per_channel"], info["kept_fp32"]) == (recipe, per_channel, kept)
 
@@ -238,7 +239,7 @@ def other_graphs(tmp_path_factory):
     export_seq2seq(tiny_t5_backbone().model, folder / "t5-encoder.onnx", folder / "t5-decoder.onnx", 17)
     export_decoder(tiny_llama_backbone().model, folder / "llama-decoder.onnx")
     plan = {"gpt2": (["gpt2.onnx"], DYNAMIC), "t5": (["t5-encoder.onnx", "t5-decoder.onnx"], ["int8-mixed"]),
-            "llama": (["llama-decoder.onnx"], ["int8-mixed"])}
+            "llama": (["llama-decoder.onnx"], list(KEEPS_FFN_OUTPUT))}
     graphs = {}
     for family, (names, recipes) in plan.items():
         graphs[family] = []
@@ -255,7 +256,7 @@ def test_recipes_quantize_the_graphs_of_other_families(other_graphs, family):
         for recipe, out in quantized.items():
             quantized, kept = check_int8_graph(onnx.load(str(path)).graph, onnx.load(str(out)).graph, recipe,
                                                FFN_OUTPUT[family])
-            assert quantized > 0 and (kept > 0) == (recipe == "int8-mixed")
+            assert quantized > 0 and (kept > 0) == (recipe in KEEPS_FFN_OUTPUT)
 
 
 def test_int8_gpt2_features_follow_fp32(other_graphs):

@@ -76,6 +76,7 @@ QUANT_RECIPES: dict[str, DynamicInt8 | WeightOnly | SmoothInt8] = {
     "int8": DynamicInt8(),                            # every MatMul, per-tensor: fast, least accurate
     "int8-per-channel": DynamicInt8(per_channel=True),
     "int8-mixed": DynamicInt8(keep_fp32=FFN_OUTPUT),  # FFN output projections in fp32
+    "int8-mixed-per-channel": DynamicInt8(per_channel=True, keep_fp32=FFN_OUTPUT),   # both: the recommended
     "int4": WeightOnly(bits=4),                       # onnxruntime-genai's CPU default: block 32, int8 compute
     "int4-fp32": WeightOnly(bits=4, accuracy_level=1),  # int4 weights, fp32 compute
     "int8-block": WeightOnly(bits=8),                 # 8-bit blocks, int8 compute

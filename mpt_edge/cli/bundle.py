@@ -27,7 +27,7 @@ def export_command(
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
     config: Config = None, backbone: CheckpointBackbone = None,
     optimize: Annotated[bool, typer.Option(help="onnxruntime graph optimizations, saved in the graph.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="For CPU: int4, int4-fp32, int8-block (weight-only MatMulNBits), int8, int8-per-channel, int8-mixed (dynamic) or int8-smooth (SmoothQuant, calibrated on the tasks' train split); see docs/performance.md#quantization.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="For CPU: int4, int4-fp32, int8-block (weight-only MatMulNBits), int8, int8-per-channel, int8-mixed, int8-mixed-per-channel (dynamic; the last is the recommendation with --kv-cache on a VNNI/AMX CPU) or int8-smooth (SmoothQuant, calibrated on the tasks' train split); see docs/performance.md#quantization.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for CUDA).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
