@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import tiny_bert_backbone
@@ -27,4 +29,7 @@ def test_quickstart_runs_every_stage_and_serves_the_bundle(family, workspace, be
     assert list(results["scores"]) == [floor, "pt", "mpt (full)", "mpt (runtime)"]
     assert all(0 <= s["accuracy"] <= 1 and s["n"] == 8 for s in results["scores"].values())
     assert results["scores"]["mpt (runtime)"]["accuracy"] == results["scores"]["mpt (full)"]["accuracy"]
-    assert {"teachers", "source", "mpt", "pt"} <= set(results["timings"])
+    assert {"teachers", "source", "mpt", "pt", f"eval {floor}", "eval pt", "eval mpt", "export", "runtime"} \
+        <= set(results["timings"])
+    kind = json.loads((tmp_path / "qs" / "bundle" / "manifest.json").read_text())["graph"]["kind"]
+    assert kind.startswith("decoder") if family == "causal" else kind == "features"   # causal: cached prompt KV
