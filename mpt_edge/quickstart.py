@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -104,11 +105,15 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
 
     log(f"[eval] {config.target} test, {config.test_limit} examples per method")
 
-    def scored(name, evaluate, *trained):
+    @contextmanager
+    def timed(name):
         tick = time.perf_counter()
-        result = evaluate(backbone, *trained, target_test, max_length=config.max_length)[config.target]
-        timings[f"eval {name}"] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
-        return result
+        yield
+        timings[name] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
+
+    def scored(name, evaluate, *trained):
+        with timed(f"eval {name}"):
+            return evaluate(backbone, *trained, target_test, max_length=config.max_length)[config.target]
 
     if backbone.family.uses_heads:  # no zero-shot without a trained head: the floor is the head alone
         head = run("head", stages.head_only(backbone, tgt_encoded, train_cfg), tgt_encoded)
@@ -119,14 +124,12 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     if fingerprint(backbone.model) != before:
         raise RuntimeError("the backbone changed during training; it must stay frozen")
     log("[export] MPT checkpoint → bundle, served by the torch-free runtime")
-    tick = time.perf_counter()
     # a backbone that generates gets the KV-cache graph: the runtime computes each task's prompt KV once
     options = ExportOptions(max_length=config.max_length, overwrite=True, kv_cache=backbone.family.generates or None)
-    write_bundle(bundle_source(mpt, backbone), out / "bundle", options)
-    timings["export"] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
-    tick = time.perf_counter()
-    served = _serve(out / "bundle", target_test[0])
-    timings["runtime"] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
+    with timed("export"):
+        write_bundle(bundle_source(mpt, backbone), out / "bundle", options)
+    with timed("runtime"):
+        served = _serve(out / "bundle", target_test[0])
     scores["mpt (runtime)"] = {k: served[k] for k in ("accuracy", "macro_f1", "n")}
     results = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},

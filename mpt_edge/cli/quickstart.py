@@ -19,7 +19,7 @@ quickstart_app = typer.Typer()
 def quickstart_command(
     out: Annotated[Path, typer.Option(help="Working folder for checkpoints and results.")] = Path("runs/quickstart"),
     backbone: Backbone = DEFAULT_BACKBONE,
-    steps: Annotated[int, typer.Option(help="Steps per stage and task.")] = 20,
+    steps: Annotated[int, typer.Option(help="Steps per stage and task (chosen on dev for the shipped source).")] = 20,
     test_limit: Annotated[int, typer.Option(help="Test examples per task.")] = 300,
     fresh: Annotated[bool, typer.Option(help="Delete earlier quickstart results first.")] = False,
 ):
