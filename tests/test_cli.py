@@ -89,6 +89,21 @@ def test_quantized_export_reports_its_dev_accuracy_from_the_command_line(workspa
     assert result.exit_code == 1 and "--quantize 'int3' is not one of int8, " in result.output
 
 
+def test_export_suggests_the_kv_cache_graph_for_a_long_prompt(workspace, tmp_path, monkeypatch):
+    import mpt_edge.cli.bundle as bundle_cli
+
+    result = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt",
+                    *common(workspace), *FAST)
+    assert result.exit_code == 0, result.output
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "short", *common(workspace))
+    assert result.exit_code == 0 and "hint:" not in result.output   # 4 prompt positions: nothing to suggest
+    monkeypatch.setattr(bundle_cli, "LONG_PROMPT", 4)
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "long", *common(workspace))
+    assert result.exit_code == 0 and "hint: the features graph runs the 4 prompt positions in every row" in result.output
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "kv", "--kv-cache", *common(workspace))
+    assert result.exit_code == 0 and "hint:" not in result.output and "with KV cache" in result.output
+
+
 def test_early_stopping_on_dev_from_the_command_line(workspace, tmp_path):
     result = invoke("train", "target", "--method", "pt", "--tasks", "mood", "--out", tmp_path / "pt", "--eval-every", "2",
                     *common(workspace), *FAST)

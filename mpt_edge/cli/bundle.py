@@ -17,6 +17,8 @@ from mpt_edge.atomic import check_writable
 from mpt_edge.cli.common import checkpoint_backbone, cli_errors, data_dir
 from mpt_edge.cli.options import CheckpointBackbone, Config, DataDir, Device
 
+LONG_PROMPT = 50   # prompt positions from which export suggests --kv-cache for a classify-only causal bundle
+
 bundle_app = typer.Typer()
 
 
@@ -65,6 +67,11 @@ def export_command(
     typer.echo(f"bundle → {out}: {len(manifest['tasks'])} task(s), {kind} {graph['file']} "
                f"{manifest['files'][graph['file']][:12]}…, fp32 parity max abs diff {parity['fp32']['max_abs_diff']:.2e} "
                f"over {len(parity['fp32']['cases'])} shapes")
+    if kv_cache is None and bb.family.generates and graph.get("kind") == fmt.FEATURES_KIND \
+            and manifest["prompt"]["length"] >= LONG_PROMPT:
+        typer.echo(f"hint: the features graph runs the {manifest['prompt']['length']} prompt positions in every row; "
+                   "--kv-cache computes each task's prompt KV once (SmolLM2, l = 100: 2-3x faster classify; "
+                   "docs/runtime.md)", err=True)
     if quantize:
         quantized = parity["quantized"]
         typer.echo(f"{quantize} vs PyTorch: max abs diff {quantized['max_abs_diff']:.3g}"
