@@ -39,7 +39,7 @@ from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source
 from mpt_edge.tasks import first_n
-from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit
+from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit, resolve_precision
 from mpt_edge.trained import fixed_prompts, load_trained
 
 from finetune import finetune_run
@@ -55,9 +55,10 @@ BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "medium": ("medium.toml
 # best dev score is highest (ties: the first), so learning rates are selected on dev, never on test.
 DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9, "lr_factors": TrainConfig.lr_factors,
             "lr_prompt": TrainConfig.lr_prompt, "warmup": TrainConfig.warmup, "teachers_from": None,
-            "source_from": None, "shipped_source": None, "lr_grid": None, "curve": False}
+            "source_from": None, "shipped_source": None, "lr_grid": None, "curve": False, "precision": "fp32"}
 # "curve": every dev evaluation also scores the test subset and records both (learning curves); only the dev
-# score selects anything
+# score selects anything. "precision" of the target runs' training forward: fp32, bf16 or auto (resolved per
+# run on the machine that runs it and recorded in the run's extra)
 
 
 def source_stage(suite: dict, backbone, work: Path) -> tuple:
@@ -135,10 +136,10 @@ def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int,
     dev = load_split([target], data, "dev", limit=suite["dev_limit"], seed=0)
     config = TrainConfig(steps=suite["steps"], max_length=suite["max_length"], seed=seed, checkpoint_every=10**6,
                          eval_every=suite["eval_every"], lr_factors=suite["lr_factors"], lr_prompt=suite["lr_prompt"],
-                         warmup=suite["warmup"])
+                         warmup=suite["warmup"], precision=resolve_precision(suite["precision"]))
     encoded = encode_tasks(train, backbone.tokenizer, config.max_length)
     out = work / "runs" / f"{target}-k{k}-s{seed}-{method}{tag}"
-    extra = {}
+    extra = {"precision": config.precision}
     if method == "baseline" and not backbone.family.uses_heads:
         return {"scores": evaluate_zero_shot(backbone, test, max_length=config.max_length)[target], "extra": extra}
     if method == "finetune":

@@ -4,7 +4,7 @@
 
 L_logits is KL(teacher ‖ student) between temperature-scaled label distributions (times T², so the
 gradient scale does not shrink with T); L_hidden is the MSE between the last hidden states at the
-real input positions.
+real input positions. Every term is computed in fp32, also from a bf16 autocast forward.
 """
 
 from __future__ import annotations
@@ -59,19 +59,20 @@ def batch_task_loss(logits: torch.Tensor, batch, answers: tuple[torch.Tensor, to
     the mean over its rows or tokens weighted by its share of the rows (of `totals`, default the batch's)."""
     totals = totals or Totals.of(batch)
     classify = batch.labels >= 0
+    logits = logits.float()
     loss = logits.new_zeros(())
     if classify.any():
         loss = loss + F.cross_entropy(logits[classify], batch.labels[classify], reduction="sum") / totals.rows
     if answers is not None and answers[1].numel():
-        loss = loss + F.cross_entropy(*answers, reduction="sum") / totals.answer_tokens * totals.generate_share
+        loss = loss + F.cross_entropy(answers[0].float(), answers[1], reduction="sum") / totals.answer_tokens * totals.generate_share
     return loss
 
 
 def logits_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                         count: int | None = None) -> torch.Tensor:
     """T² · KL(softmax(teacher/T) ‖ softmax(student/T)) summed over rows / `count` (default: the rows). (B, C)."""
-    log_p_teacher = F.log_softmax(teacher.detach() / temperature, dim=-1)
-    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
     return kl * temperature**2 / max(count if count is not None else student.shape[0], 1)
 
@@ -80,8 +81,9 @@ def hidden_distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torc
                         count: int | None = None) -> torch.Tensor:
     """MSE between hidden states (B, n, d) over the real positions of `mask` (B, n), per position and unit;
     `count` positions (default: the mask's) normalise the sum."""
+    student, teacher = student.float(), teacher.detach().float()
     weights = mask.unsqueeze(-1).to(student.dtype)
-    squared = (student - teacher.detach()).pow(2) * weights
+    squared = (student - teacher).pow(2) * weights
     positions = count if count is not None else int(mask.sum())
     return squared.sum() / max(positions * student.shape[-1], 1)
 
@@ -97,7 +99,7 @@ def distillation_loss(student_logits, teacher_logits, student_hidden, teacher_hi
     tensors hold, classify rows only) normalise every sum, see `Totals`."""
     totals = totals or Totals(rows=student_logits.shape[0], input_tokens=int(mask.sum()),
                               decoder_tokens=int(decoder[2].sum()) if decoder is not None else 0)
-    kl = student_logits.new_zeros(())
+    kl = student_logits.new_zeros((), dtype=torch.float32)
     if student_logits.shape[0]:
         kl = kl + logits_distillation(student_logits, teacher_logits, config.temperature, totals.rows)
     if answers is not None and answers[0].shape[0]:

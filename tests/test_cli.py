@@ -129,6 +129,7 @@ def test_config_file_supplies_options(workspace, tmp_path):
     (["train", "target", "--method", "pt", "--tasks", "nosuch"], "error: task 'nosuch' not found"),
     (["train", "target", "--method", "mpt", "--tasks", "mood"], "error: --method mpt needs --source"),
     (["train", "target", "--method", "pt", "--tasks", "mood", "--steps", "0"], "steps must be an integer >= 1"),
+    (["train", "target", "--method", "pt", "--tasks", "mood", "--precision", "fp16"], "precision must be one of fp32"),
     (["eval", "--tasks", "mood"], "give a CHECKPOINT folder, or --zero-shot"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(workspace, tmp_path, args, message):

@@ -57,5 +57,7 @@ Resume = Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")]
 Pooling = Annotated[str, typer.Option(help="Encoder pooling: mean or cls.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 Warmup = Annotated[int, typer.Option(help="Steps over which every learning rate rises linearly to its value (0 = none).")]
+Precision = Annotated[str, typer.Option(help="Training forward: fp32, bf16 (autocast; prompt, optimizer and dev "
+                                               "evaluations stay fp32) or auto (bf16 where the CPU has native bf16).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda (an error if it cannot be had) or auto.")]
 InitText = Annotated[str, typer.Option(help="Text for --init text.")]

@@ -10,16 +10,16 @@ import typer
 from mpt_edge.atomic import check_writable
 from mpt_edge.cli.common import checkpoint_backbone, cli_errors, data_dir, names
 from mpt_edge.cli.options import (DEFAULT_BACKBONE, Backbone, BatchSize, CheckpointEvery, Config, DataDir, InitText,
-                                  KPerClass, LrFactors, LrHead, LrPrompt, MaxLength, Out, Pooling, PromptLength, Quiet,
-                                  Rank, Resume, Seed, Steps, Tasks, Warmup)
+                                  KPerClass, LrFactors, LrHead, LrPrompt, MaxLength, Out, Pooling, Precision,
+                                  PromptLength, Quiet, Rank, Resume, Seed, Steps, Tasks, Warmup)
 
 train_app = typer.Typer(help="Train the MPT stages and baselines.", no_args_is_help=True)
 
 
-def _train_config(**options):
-    from mpt_edge.training_loop import TrainConfig
+def _train_config(precision: str, **options):
+    from mpt_edge.training_loop import TrainConfig, resolve_precision
 
-    return TrainConfig(**options)
+    return TrainConfig(precision=resolve_precision(precision), **options)
 
 
 def _encode(tasks, backbone, config):
@@ -52,7 +52,8 @@ def train_teachers(
     lr_prompt: LrPrompt = 0.03, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="Prompt init: vocab (paper), random, text.")] = "vocab",
     init_text: InitText = "",
-    checkpoint_every: CheckpointEvery = 50, pooling: Pooling = "mean", resume: Resume = False, quiet: Quiet = False,
+    checkpoint_every: CheckpointEvery = 50, pooling: Pooling = "mean", precision: Precision = "fp32",
+    resume: Resume = False, quiet: Quiet = False,
 ):
     """Stage 1: vanilla prompt tuning, one teacher prompt per source task.
 
@@ -65,7 +66,7 @@ def train_teachers(
     from mpt_edge.prompt import PromptConfig
 
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
-                        lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every)
+                        lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every, precision=precision)
     prompt_cfg = PromptConfig(length=prompt_length)
     train = load_split(names(tasks), data_dir(data), "train", k_per_class=k_per_class, seed=seed)
     bb = load_backbone(backbone)
@@ -98,7 +99,7 @@ def train_source(
     max_tasks: Annotated[int, typer.Option(help="κ: each batch draws K ∈ [2, κ] tasks.")] = 4,
     mixing_cap: Annotated[int, typer.Option(help="Examples-proportional mixing cap.")] = 3000,
     shared_init: Annotated[str, typer.Option(help="P* init: teachers (their mean), vocab, random, text.")] = "teachers",
-    checkpoint_every: CheckpointEvery = 50, resume: Resume = False, quiet: Quiet = False,
+    checkpoint_every: CheckpointEvery = 50, precision: Precision = "fp32", resume: Resume = False, quiet: Quiet = False,
 ):
     """Stage 2: distil the teachers into one shared prompt P* and per-task factors U, V.
 
@@ -123,7 +124,7 @@ def train_source(
 
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
                         lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every,
-                        max_tasks=max_tasks, mixing_cap=mixing_cap)
+                        max_tasks=max_tasks, mixing_cap=mixing_cap, precision=precision)
     distill = DistillConfig(weight=distill_weight, temperature=temperature)
     teacher_run = load_trained(teachers)
     task_names = names(tasks) or teacher_run.task_names
@@ -179,7 +180,7 @@ def train_target(
     dev_limit: Annotated[Optional[int], typer.Option(help="Cap on dev examples per task for --eval-every.")] = 200,
     patience: Annotated[int, typer.Option(help="Stop after this many dev evaluations without a new best "
                                                "(needs --eval-every; 0 = spend every step).")] = 0,
-    warmup: Warmup = 0,
+    warmup: Warmup = 0, precision: Precision = "fp32",
     checkpoint_every: CheckpointEvery = 50, pooling: Pooling = "mean", resume: Resume = False, quiet: Quiet = False,
 ):
     """Stage 3: adapt to target tasks (MPT), or train a baseline (pt, spot, head) on them.
@@ -203,7 +204,7 @@ def train_target(
         raise ConfigError(f"--method {method} needs --source CHECKPOINT")
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
                         lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every,
-                        eval_every=eval_every, patience=patience, warmup=warmup)
+                        eval_every=eval_every, patience=patience, warmup=warmup, precision=precision)
     train = load_split(names(tasks), data_dir(data), "train", k_per_class=k_per_class, seed=seed)
     dev = load_split(names(tasks), data_dir(data), "dev", limit=dev_limit, seed=0) if eval_every else []
     run = resolve_source(source) if method in ("mpt", "spot") else None
