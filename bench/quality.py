@@ -352,8 +352,9 @@ def run_suite(suite: dict, work_root: Path) -> None:
         teachers, source = source_stage(suite, backbone, work)
     print(f"[{suite['name']}] source stage ready after {time.perf_counter() - started:.0f} s", flush=True)
     log = work / "runs.jsonl"
-    keys = [(target, k, seed, method) for target in suite["targets"] for k in suite["k"]
-            for seed in suite["seeds"] for method in suite["methods"]]
+    # seeds outermost: a suite stopped part-way (they run for days on CPU) has every target and k at the seeds done
+    keys = [(target, k, seed, method) for seed in suite["seeds"] for target in suite["targets"] for k in suite["k"]
+            for method in suite["methods"]]
     elsewhere = []
     for target, k, seed, method in keys:
         with claimed(work / "locks" / f"{target}-k{k}-s{seed}-{method}.lock") as mine:
