@@ -2,6 +2,7 @@
 
     python bench/quality.py --budget small          # SmolLM2 + MiniLM suites sized for 2 CPU cores
     python bench/quality.py bench/suites/smoke.toml  # any suite file(s)
+    python bench/quality.py bench/suites/transfer.toml --work builds/quality --report   # tables so far, trains nothing
 
 Stages 1-2 (teachers, distilled source) run once per suite and are cached. Then every (target, k, seed,
 method) run trains with the same step budget, keeps the tensors that score best on a fixed dev subset
@@ -288,6 +289,8 @@ def curve_table(suite: dict, runs: list[dict]) -> str:
         for k in suite["k"]:
             points = _curve_points(runs, target, k, suite["methods"])
             steps = sorted({step for by_step in points.values() for step in by_step})
+            if not steps:   # no run of this target and k has finished yet
+                continue
             lines += ["", f"{target}, k = {k}: dev / test accuracy (%) by target step, mean over seeds", "",
                       "| method | " + " | ".join(str(s) for s in steps) + " |", "|" + " --- |" * (1 + len(steps))]
             for method, by_step in points.items():
@@ -392,12 +395,26 @@ def main() -> None:
     parser.add_argument("suites", type=Path, nargs="*", help="suite TOML files (default: those of --budget)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), help="small: under an hour on 2 CPU cores; medium: two targets, ~2 h; full: hours or a GPU")
     parser.add_argument("--work", type=Path, default=HERE / "results" / "work" / "quality")
+    parser.add_argument("--report", action="store_true",
+                        help="print the tables of the runs finished so far (a suite in progress) and train nothing")
     args = parser.parse_args()
     if bool(args.suites) == bool(args.budget):
         parser.error("give suite files or --budget (one of the two)")
     paths = args.suites or [HERE / "suites" / name for name in BUDGETS[args.budget]]
     for suite in [read_suite(p) for p in paths]:
-        run_suite(suite, args.work)
+        if args.report:
+            print(report_so_far(suite, args.work))
+        else:
+            run_suite(suite, args.work)
+
+
+def report_so_far(suite: dict, work_root: Path) -> str:
+    """The suite's tables from the runs in its runs.jsonl so far, headed by how many of its runs are done."""
+    runs = read_runs(work_root / suite["name"] / "runs.jsonl")
+    total = len(suite["targets"]) * len(suite["k"]) * len(suite["seeds"]) * len(suite["methods"])
+    hours = sum(r["seconds"] for r in runs) / 3600
+    markdown = f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + table(suite, runs)
+    return markdown + ("\n" + curve_table(suite, runs) if suite["curve"] else "")
 
 
 if __name__ == "__main__":

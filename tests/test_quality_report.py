@@ -1,0 +1,31 @@
+"""`bench/quality.py --report`: the tables of a suite in progress, from its runs.jsonl, training nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import quality  # noqa: E402
+
+
+def run(target: str, seed: int, method: str, accuracy: float, evals=()) -> dict:
+    return {"target": target, "k": 16, "seed": seed, "method": method, "scores": {"accuracy": accuracy},
+            "extra": {"evals": [{"step": s, "score": d, "details": {"dev": d, "test": t}} for s, d, t in evals]},
+            "seconds": 1800.0}
+
+
+def test_report_counts_the_runs_done_and_skips_targets_without_any(tmp_path):
+    suite = {**quality.DEFAULTS, "name": "demo", "targets": ["alpha", "beta"], "k": [16], "seeds": [0, 1],
+             "methods": ["pt", "mpt-full"], "curve": True, "eval_every": 25}
+    runs = [run("alpha", 0, "pt", 0.5, [(0, 0.4, 0.41), (25, 0.6, 0.62)]),
+            run("alpha", 0, "mpt-full", 0.7, [(0, 0.5, 0.52), (25, 0.8, 0.79)])]
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    report = quality.report_so_far(suite, tmp_path)
+    assert report.startswith("demo: 2 of 8 runs done (1.0 h of runs)")
+    assert "| alpha | 16 | 50.0 ± 0.0 | 70.0 ± 0.0 |" in report
+    assert "| mpt-full | 50.0 / 52.0 | 80.0 / 79.0 |" in report
+    assert "alpha, k = 16: dev / test" in report and "beta, k = 16: dev / test" not in report
