@@ -364,6 +364,9 @@ def test_a_bf16_forward_steps_the_prompt_like_fp32(backbone, tmp_path, stage):
         return stages.source(backbone, src, teachers, cfg, rank=2)
 
     moved = {p: _one_step_update(plan_for, src, p, tmp_path / p) for p in ("fp32", "bf16")}
+    bf16 = config(steps=1, precision="bf16")
+    with pytest.raises(CheckpointError, match="'train' differs"):   # a resume keeps the checkpoint's precision
+        fit(plan_for(bf16), src, bf16, tmp_path / "fp32", resume=True, progress=False)
     assert float(moved["fp32"].norm()) > 0
     assert not torch.equal(moved["fp32"], moved["bf16"])   # the forward did run in bf16
     assert float(torch.nn.functional.cosine_similarity(moved["fp32"], moved["bf16"], dim=0)) > 0.95
