@@ -40,7 +40,8 @@ from mpt_edge.losses import DistillConfig
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source
 from mpt_edge.tasks import first_n
-from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit, resolve_precision
+from mpt_edge.precision import resolve_precision
+from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit
 from mpt_edge.trained import fixed_prompts, load_trained
 
 from finetune import finetune_run

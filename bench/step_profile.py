@@ -34,7 +34,8 @@ from mpt_edge.losses import Totals, batch_task_loss
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.scoring import Classifier
 from mpt_edge.source_build import machine
-from mpt_edge.training_loop import TrainConfig, resolve_precision
+from mpt_edge.precision import resolve_precision
+from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
 
 PHASES = ("data", "compose", "forward", "loss", "backward", "optimizer")

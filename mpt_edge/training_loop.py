@@ -24,6 +24,7 @@ from mpt_edge import distributed
 from mpt_edge.errors import ConfigError
 from mpt_edge.heads import TaskHeads
 from mpt_edge.losses import Totals
+from mpt_edge.precision import PRECISIONS, forward_precision
 from mpt_edge.prompt import MultitaskPrompt
 from mpt_edge.tasks import TaskSpec
 
@@ -70,25 +71,8 @@ class TrainConfig:
         return min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
 
     def forward_precision(self) -> contextlib.AbstractContextManager:
-        """The context a training forward runs in: bf16 autocast on CPU, or nothing for fp32."""
-        if self.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_precision(choice: str) -> str:
-    """'auto' → bf16 where the CPU computes bf16 natively (AVX-512 BF16 or AMX), else fp32; others unchanged.
-
-    bf16 autocast made a SmolLM2 step 1.5× faster on an AVX-512 BF16 CPU with gradients at cosine 0.999 to fp32
-    (docs/performance.md); without native bf16 it is emulated and slower, so 'auto' keeps fp32 there.
-    """
-    if choice != "auto":
-        return choice
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if native else "fp32"
+        """The context a training forward runs in (`mpt_edge.precision`): nothing for fp32, bf16 autocast for bf16."""
+        return forward_precision(self.precision)
 
 
 SOURCE_LR_FACTORS = 0.4          # stage 2 [paper]: factors start at ones and must specialise per source task

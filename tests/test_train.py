@@ -15,7 +15,8 @@ from mpt_edge.evaluate import dev_scorer, evaluate_trained
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
 from mpt_edge.losses import DistillConfig, Totals, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.training_loop import TrainConfig, fit, resolve_precision
+from mpt_edge.precision import resolve_precision
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 
 PROMPT = PromptConfig(length=4)
@@ -394,3 +395,25 @@ def test_precision_is_checked_and_auto_follows_the_cpu(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         assert resolve_precision("auto") == expected
 
+
+
+def test_the_bf16_forward_computes_attention_in_fp32_and_restores_it():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from mpt_edge.precision import forward_precision
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, 1
+    reference, _ = original(module, q, k, v, None)
+    with forward_precision("bf16"):
+        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, *(t.to(torch.bfloat16) for t in (q, k, v)), None)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+    assert out.dtype == torch.bfloat16
+    fp32_of_bf16, _ = original(module, *(t.to(torch.bfloat16).float() for t in (q, k, v)), None)
+    assert torch.equal(out, fp32_of_bf16.to(torch.bfloat16))   # computed in fp32, rounded once at the end
+    assert torch.allclose(out.float(), reference, atol=0.05)
+    with pytest.raises(RuntimeError), forward_precision("bf16"):
+        raise RuntimeError("a failing forward")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original

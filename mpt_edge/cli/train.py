@@ -17,7 +17,8 @@ train_app = typer.Typer(help="Train the MPT stages and baselines.", no_args_is_h
 
 
 def _train_config(precision: str, **options):
-    from mpt_edge.training_loop import TrainConfig, resolve_precision
+    from mpt_edge.precision import resolve_precision
+    from mpt_edge.training_loop import TrainConfig
 
     return TrainConfig(precision=resolve_precision(precision), **options)
 
