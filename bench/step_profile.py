@@ -34,7 +34,7 @@ from mpt_edge.losses import Totals, batch_task_loss
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.scoring import Classifier
 from mpt_edge.source_build import machine
-from mpt_edge.precision import resolve_precision
+from mpt_edge.precision import forward_precision, resolve_precision
 from mpt_edge.training_loop import TrainConfig
 from mpt_edge.trained import Trained
 
@@ -49,7 +49,7 @@ def profile(plan, encoded, config: TrainConfig, classifier, steps: int) -> dict[
         marks = [time.perf_counter()]
         batch = collate(encoded, plan.sampler.batch(step))
         marks.append(time.perf_counter())
-        with config.forward_precision():
+        with forward_precision(config.precision):
             prompts = plan.prompt.compose(batch.task_ids)
             marks.append(time.perf_counter())
             logits, _ = classifier(prompts, batch)
@@ -67,14 +67,14 @@ def profile(plan, encoded, config: TrainConfig, classifier, steps: int) -> dict[
     return {p: statistics.median(v) for p, v in times.items()}
 
 
-def gradient_cosines(plan, encoded, config: TrainConfig, classifier, steps: int) -> list[float]:
+def gradient_cosines(plan, encoded, classifier, steps: int) -> list[float]:
     """Per batch: cosine between the prompt's gradient from an fp32 forward and from a bf16-autocast one."""
     cosines = []
     for step in range(steps):
         batch = collate(encoded, plan.sampler.batch(step))
         grads = []
         for precision in ("fp32", "bf16"):
-            with replace(config, precision=precision).forward_precision():
+            with forward_precision(precision):
                 logits, _ = classifier(plan.prompt.compose(batch.task_ids), batch)
             loss = batch_task_loss(logits, batch, None, Totals.of(batch))
             grads.append(torch.autograd.grad(loss, plan.prompt.shared[0])[0].flatten())
@@ -103,7 +103,7 @@ def measure(name: str, steps: int, prompt_length: int, max_length: int, batch_si
     results["mpt-full-bf16"] = profile(target, encoded, bf16, target_classifier, steps)
     phases = {stage: {"seconds": {p: round(s, 4) for p, s in r.items()}, "step": round(sum(r.values()), 4),
                       "share": {p: round(s / sum(r.values()), 3) for p, s in r.items()}} for stage, r in results.items()}
-    return phases, gradient_cosines(plan, encoded, config, classifier, steps)
+    return phases, gradient_cosines(plan, encoded, classifier, steps)
 
 
 def main() -> None:

@@ -76,12 +76,17 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     prompt_cfg = PromptConfig(length=config.prompt_length, rank=config.rank)
     timings = {}
 
+    @contextmanager
+    def timed(name):
+        tick = time.perf_counter()
+        yield
+        timings[name] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
+
     def run(name, plan, encoded, cfg=train_cfg):
         log(f"[{name}] {plan.total_steps} steps")
-        tick = time.perf_counter()
-        index = fit(plan, encoded, cfg, out / name, resume=True)
-        timings[name] = {"steps": index["step"], "seconds": round(time.perf_counter() - tick, 1),
-                         "steps_per_s_last": round(index["history"][-1]["steps_per_s"], 3)}
+        with timed(name):
+            index = fit(plan, encoded, cfg, out / name, resume=True)
+        timings[name].update(steps=index["step"], steps_per_s_last=round(index["history"][-1]["steps_per_s"], 3))
         return load_trained(out / name)
 
     source_name = config.source or (config.backbone if config.backbone in shipped_names() else None)
@@ -104,12 +109,6 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
     pt = run("pt", stages.prompt_tuning("pt", backbone, tgt_encoded, train_cfg, prompt_cfg), tgt_encoded)
 
     log(f"[eval] {config.target} test, {config.test_limit} examples per method")
-
-    @contextmanager
-    def timed(name):
-        tick = time.perf_counter()
-        yield
-        timings[name] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
 
     def scored(name, evaluate, *trained):
         with timed(f"eval {name}"):

@@ -7,7 +7,6 @@ backbone runs in eval mode (no dropout), so a resumed run reaches the same resul
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -69,10 +68,6 @@ class TrainConfig:
     def warmup_factor(self, step: int) -> float:
         """Multiplier of every learning rate at 0-based `step`: (step + 1) / warmup during warmup, then 1."""
         return min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-
-    def forward_precision(self) -> contextlib.AbstractContextManager:
-        """The context a training forward runs in (`mpt_edge.precision`): nothing for fp32, bf16 autocast for bf16."""
-        return forward_precision(self.precision)
 
 
 SOURCE_LR_FACTORS = 0.4          # stage 2 [paper]: factors start at ones and must specialise per source task
@@ -170,7 +165,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     tick, window = time.perf_counter(), []
     for step in range(start, plan.total_steps):
         batch = collate(encoded, plan.sampler.batch(step))
-        with config.forward_precision():
+        with forward_precision(config.precision):
             loss, parts = plan.loss_fn(distributed.shard(batch, ranks), Totals.of(batch))
         loss = loss.float()
         optimizer.zero_grad(set_to_none=True)

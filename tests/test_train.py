@@ -15,7 +15,7 @@ from mpt_edge.evaluate import dev_scorer, evaluate_trained
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
 from mpt_edge.losses import DistillConfig, Totals, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
-from mpt_edge.precision import resolve_precision
+from mpt_edge.precision import forward_precision, resolve_precision
 from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 
@@ -385,9 +385,9 @@ def test_losses_are_fp32_from_bf16_logits():
 def test_precision_is_checked_and_auto_follows_the_cpu(monkeypatch):
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         TrainConfig(precision="fp16")
-    with TrainConfig(precision="bf16").forward_precision():
+    with forward_precision("bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with TrainConfig().forward_precision():
+    with forward_precision("fp32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
     for native, expected in ((True, "bf16"), (False, "fp32")):
@@ -399,8 +399,6 @@ def test_precision_is_checked_and_auto_follows_the_cpu(monkeypatch):
 
 def test_the_bf16_forward_computes_attention_in_fp32_and_restores_it():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from mpt_edge.precision import forward_precision
 
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
