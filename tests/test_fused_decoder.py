@@ -44,7 +44,8 @@ def greedy(steps, rows, n: int) -> list[list[int]]:
 def test_the_graph_is_made_of_the_fused_ops(fused):
     counts = op_counts(fused[3])
     assert counts["com.microsoft:GroupQueryAttention"] == 2 and counts["com.microsoft:SkipSimplifiedLayerNormalization"] == 4
-    assert counts["MatMul"] == 2 * 5 and counts["Gemm"] == 1   # qkv, o, gate, up, down; the tied LM head is a Gemm
+    assert counts["MatMul"] == 2 * 4 and counts["Gemm"] == 1   # qkv, o, gate_up, down; the tied LM head is a Gemm
+    assert counts["Split"] == 2   # gate / up
     assert "Softmax" not in counts and "Expand" not in counts
 
 
@@ -125,7 +126,7 @@ def test_export_writes_the_fused_graph_by_default_with_parity(bundles):
     assert manifests["fused"]["graph"]["kind"] == "decoder-fused" and manifests["traced"]["graph"]["kind"] == "decoder"
     assert manifests["fused"]["parity"]["fp32"]["max_rel_diff"] < 1e-4
     int4 = manifests["int4"]
-    assert int4["graph"]["kind"] == "decoder-fused" and int4["graph"]["quantize"]["quantized"] == 2 * 5 + 1   # + LM head
+    assert int4["graph"]["kind"] == "decoder-fused" and int4["graph"]["quantize"]["quantized"] == 2 * 4 + 1   # qkv, o, gate_up, down per layer + LM head
     assert "quantized" in int4["parity"]
     int8 = manifests["int8-mixed"]   # dynamic int8 through the contrib ops; the FFN output projections stay fp32
     assert int8["graph"]["kind"] == "decoder-fused" and int8["graph"]["quantize"]["kept_fp32"] == 2
