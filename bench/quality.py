@@ -215,6 +215,29 @@ def table(suite: dict, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(suite: dict, runs: list[dict]) -> str:
+    """Markdown: per trained method and k, the target step dev selection kept (over targets, seeds and grid
+    entries' winners): how often it kept the untrained step 0, and the median step. Empty if no run records one."""
+    picked = {}
+    for r in runs:
+        best = r.get("extra", {}).get("best")
+        if best is not None:
+            picked.setdefault((r["method"], str(r["k"])), []).append(best["step"])
+    if not picked:
+        return ""
+    methods = [m for m in suite["methods"] if any(m == method for method, _ in picked)]
+    lines = ["Target step kept by dev selection (step 0 = untrained: PT's initial prompt, SPoT's and MPT's "
+             "transferred one): runs that kept step 0 of the runs done, and the median step kept", "",
+             f"| method | {' | '.join(f'k = {k}' for k in suite['k'])} |", "|" + " --- |" * (1 + len(suite["k"]))]
+    for method in methods:
+        cells = []
+        for k in suite["k"]:
+            steps = picked.get((method, str(k)), [])
+            cells.append(f"{sum(s == 0 for s in steps)} of {len(steps)}, {statistics.median(steps):g}" if steps else "–")
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def paired(runs: list[dict], targets: list[str], k, method: str) -> dict[int, float]:
     """{seed: method − pt accuracy (points), averaged over `targets`} for the seeds every target has."""
     per_target = []
@@ -380,6 +403,8 @@ def run_suite(suite: dict, work_root: Path) -> None:
             pass
     runs = read_runs(log)
     markdown = table(suite, runs)
+    selection = selection_table(suite, runs)
+    markdown += "\n\n" + selection if selection else ""
     if suite["curve"]:
         markdown += "\n" + curve_table(suite, runs)
     report = {"suite": suite, "runs": runs, "table": markdown, "seconds_this_call": round(time.perf_counter() - started),
@@ -415,6 +440,8 @@ def report_so_far(suite: dict, work_root: Path) -> str:
     total = len(suite["targets"]) * len(suite["k"]) * len(suite["seeds"]) * len(suite["methods"])
     hours = sum(r["seconds"] for r in runs) / 3600
     markdown = f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + table(suite, runs)
+    selection = selection_table(suite, runs)
+    markdown += "\n\n" + selection if selection else ""
     return markdown + ("\n" + curve_table(suite, runs) if suite["curve"] else "")
 
 

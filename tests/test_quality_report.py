@@ -29,3 +29,16 @@ def test_report_counts_the_runs_done_and_skips_targets_without_any(tmp_path):
     assert "| alpha | 16 | 50.0 ± 0.0 | 70.0 ± 0.0 |" in report
     assert "| mpt-full | 50.0 / 52.0 | 80.0 / 79.0 |" in report
     assert "alpha, k = 16: dev / test" in report and "beta, k = 16: dev / test" not in report
+
+
+def test_selection_table_counts_the_runs_that_kept_the_untrained_step():
+    suite = {**quality.DEFAULTS, "name": "demo", "targets": ["alpha"], "k": [16, 64], "seeds": [0, 1, 2],
+             "methods": ["baseline", "pt", "mpt-full"]}
+    runs = [{**run("alpha", seed, "mpt-full", 0.5), "extra": {"best": {"step": step, "score": 0.5}}}
+            for seed, step in enumerate([0, 50, 0])]
+    runs.append({**run("alpha", 0, "pt", 0.5), "extra": {"best": {"step": 100, "score": 0.5}}})
+    runs.append(run("alpha", 0, "baseline", 0.3))   # zero-shot: no step to keep
+    table = quality.selection_table(suite, runs)
+    assert "| pt | 0 of 1, 100 | – |" in table and "| mpt-full | 2 of 3, 0 | – |" in table
+    assert "| baseline |" not in table
+    assert quality.selection_table(suite, [run("alpha", 0, "baseline", 0.3)]) == ""
