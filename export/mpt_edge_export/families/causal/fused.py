@@ -10,7 +10,7 @@ tokens row b's cache holds after the step. Every layer is one GroupQueryAttentio
 op, rotary inside, padded chunks through `query_seqlens`), SkipSimplifiedLayerNormalization, and MatMuls with
 packed QKV and packed gate / up (then a Split; its builder's `fuse_mlp_gate_up`): the ops onnxruntime-genai's
 model builder emits, so `--quantize int4` gives its MatMulNBits too. One MatMul instead of two saves a parallel
-section per layer: decode steps 1-4% faster at batch 1 (docs/performance.md).
+section per layer: decode steps a few percent faster in paired rounds, clearly at fp32 batch 1 (performance.md).
 The same graph computes a task's prompt KV once (P = l, n = 0), starts requests from it (P = 0) and decodes
 (n = 1). Needs onnxruntime >= 1.32 (GroupQueryAttention's `query_seqlens`).
 """
