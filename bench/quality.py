@@ -402,11 +402,7 @@ def run_suite(suite: dict, work_root: Path) -> None:
         with claimed(work / "locks" / f"{target}-k{k}-s{seed}-{method}.lock", wait=True):
             pass
     runs = read_runs(log)
-    markdown = table(suite, runs)
-    selection = selection_table(suite, runs)
-    markdown += "\n\n" + selection if selection else ""
-    if suite["curve"]:
-        markdown += "\n" + curve_table(suite, runs)
+    markdown = report_markdown(suite, runs)
     report = {"suite": suite, "runs": runs, "table": markdown, "seconds_this_call": round(time.perf_counter() - started),
               "seconds_all_runs": round(sum(r["seconds"] for r in runs))}
     write_text_atomic(HERE / "results" / f"quality-{suite['name']}.json", json.dumps(report, indent=2) + "\n")
@@ -439,9 +435,13 @@ def report_so_far(suite: dict, work_root: Path) -> str:
     runs = read_runs(work_root / suite["name"] / "runs.jsonl")
     total = len(suite["targets"]) * len(suite["k"]) * len(suite["seeds"]) * len(suite["methods"])
     hours = sum(r["seconds"] for r in runs) / 3600
-    markdown = f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + table(suite, runs)
+    return f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + report_markdown(suite, runs)
+
+
+def report_markdown(suite: dict, runs: list[dict]) -> str:
+    """The suite's tables: accuracy and paired differences, the steps dev selection kept, and curves if recorded."""
     selection = selection_table(suite, runs)
-    markdown += "\n\n" + selection if selection else ""
+    markdown = table(suite, runs) + ("\n\n" + selection if selection else "")
     return markdown + ("\n" + curve_table(suite, runs) if suite["curve"] else "")
 
 
