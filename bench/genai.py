@@ -16,6 +16,9 @@ Per precision and batch, in alternating rounds (median over rounds):
   after P cached prompt vectors) and from scratch (P prompt vectors + n tokens: genai's amount of work);
 - fp32 agreement: our fused graph fed the first P tokens' embeddings as the prompt must produce genai's greedy
   tokens;
+- genai's own graph run by plain onnxruntime in our kind of loop (I/O binding, KV in place): its decode against
+  genai's runtime says how much of a gap is the loop's rather than the graph's (its tokens must equal genai's);
+- decode ratios paired by round, with 95% t-intervals: what "≥ 1.0×, reliably" is judged by;
 - classification from the same graph: `features` at batch 8 x 64 tokens, fused vs traced.
 Writes bench/results/genai-<backbone>.json.
 """
@@ -141,6 +144,33 @@ def genai_generate(model, ids: list[int], batch: int, new_tokens: int) -> tuple[
     return mid - tick, (end - mid) / (new_tokens - 1), tokens
 
 
+def genai_graph_generate(graph: GraphSession, head_size: int, ids: list[int], batch: int,
+                         new_tokens: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode s per step, first row's tokens) of onnxruntime-genai's own graph run by plain onnxruntime
+    in our kind of loop: I/O binding, the KV written in place into buffers of the final length (as genai's runtime
+    shares past and present), a growing attention mask. Beside both runtimes it tells a graph's share of a decode
+    gap from the loop's."""
+    inputs = {i.name: i.shape for i in graph.session.get_inputs()}
+    past = [name for name in inputs if name.startswith("past_key_values.")]
+    kv_heads = inputs[past[0]][1]   # the head size is symbolic in its graph: from its genai_config.json
+    vocab = {o.name: o.shape for o in graph.session.get_outputs()}["logits"][-1]
+    length, capacity = len(ids), len(ids) + new_tokens
+    buffers = {name: np.zeros((batch, kv_heads, capacity, head_size), np.float32) for name in past}
+    aliases = {name.replace("past_key_values.", "present."): name for name in past}
+    prefill_logits, step_logits = np.zeros((batch, length, vocab), np.float32), np.zeros((batch, 1, vocab), np.float32)
+    tick = time.perf_counter()
+    graph.bind(buffers, aliases, {"logits": prefill_logits})({"input_ids": np.array([ids] * batch, np.int64),
+                                                              "attention_mask": np.ones((batch, length), np.int64)})
+    token = prefill_logits[:, -1].argmax(axis=-1)
+    step, tokens = graph.bind(buffers, aliases, {"logits": step_logits}), [int(token[0])]
+    mid = time.perf_counter()
+    for n in range(1, new_tokens):
+        step({"input_ids": token[:, None].astype(np.int64), "attention_mask": np.ones((batch, length + n), np.int64)})
+        token = step_logits[:, 0].argmax(axis=-1)
+        tokens.append(int(token[0]))
+    return mid - tick, (time.perf_counter() - mid) / (new_tokens - 1), tokens
+
+
 def ours_generate(steps, prefix, ids: list[int], batch: int, new_tokens: int) -> tuple[float, float]:
     """(prefill s, decode s per step) of the runtime's `decode` from a task's cached prompt KV."""
     tick = time.perf_counter()
@@ -219,6 +249,9 @@ def main() -> None:
                 for name, path in ours_paths.items() if name.startswith("fused")}
     traced = DecoderSession.open(GraphSession.open(ours_paths["traced-fp32"], "cpu", args.threads), dim)
     genai_models = {precision: og.Model(str(path)) for precision, path in genai_paths.items()}
+    genai_graphs = {precision: (GraphSession.open(path / "model.onnx", "cpu", args.threads),
+                                json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
+                    for precision, path in genai_paths.items()}
 
     samples: dict[str, list[float]] = {}
     agreement = {}
@@ -228,12 +261,17 @@ def main() -> None:
             prefix = steps.prefix(prompt)
             for batch in (1, 8):
                 key = f"{precision}/b{batch}"
-                sides = ["genai", "ours"] if round_ % 2 == 0 else ["ours", "genai"]
+                sides = ["genai", "ours", "genai_graph"][::1 if round_ % 2 == 0 else -1]
                 for side in sides:
                     if side == "genai":
                         prefill, step, tokens = genai_generate(genai_models[precision], ids_all, batch, args.new_tokens)
                         if batch == 1:
                             agreement.setdefault(precision, {})["genai"] = tokens
+                    elif side == "genai_graph":
+                        prefill, step, tokens = genai_graph_generate(*genai_graphs[precision], ids_all, batch,
+                                                                     args.new_tokens)
+                        if batch == 1:
+                            agreement.setdefault(precision, {})["genai_graph"] = tokens
                     else:
                         prefill, step = ours_generate(steps, prefix, request, batch, args.new_tokens)
                         scratch, tokens = ours_from_scratch(steps, prompt, request, batch,
@@ -248,8 +286,10 @@ def main() -> None:
         if round_:
             log(f"round {round_} of {args.rounds} done")
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    paired = {key: paired_ratios(samples[f"{key}/ours_decode_tok_s"], samples[f"{key}/genai_decode_tok_s"])
-              for key in (f"{precision}/b{batch}" for precision in ("fp32", "int4") for batch in (1, 8))}
+    keys = [f"{precision}/b{batch}" for precision in ("fp32", "int4") for batch in (1, 8)]
+    paired = {key: paired_ratios(samples[f"{key}/ours_decode_tok_s"], samples[f"{key}/genai_decode_tok_s"]) for key in keys}
+    paired_graph = {key: paired_ratios(samples[f"{key}/genai_graph_decode_tok_s"], samples[f"{key}/genai_decode_tok_s"])
+                    for key in keys}
 
     rows = []
     for precision in ("fp32", "int4"):
@@ -259,6 +299,7 @@ def main() -> None:
             rows.append({"precision": precision, "batch": batch, **m,
                          "decode_ratio": m["ours_decode_tok_s"] / m["genai_decode_tok_s"],
                          "decode_ratio_paired": paired[key],
+                         "genai_graph_in_our_loop_paired": paired_graph[key],
                          "prefill_ratio_cached": m["genai_prefill_ms"] / m["ours_prefill_ms"],
                          "prefill_ratio_scratch": m["genai_prefill_ms"] / m["ours_scratch_prefill_ms"]})
     prefix = sessions["fused-fp32"].prefix(prompt)
@@ -269,6 +310,7 @@ def main() -> None:
                                                for _ in range(args.rounds))}
     classify["fused_over_traced"] = classify["traced_ms"] / classify["fused_ms"]
     agree = {precision: sides["ours"] == sides["genai"] for precision, sides in agreement.items()}
+    loop_agrees = {precision: sides["genai_graph"] == sides["genai"] for precision, sides in agreement.items()}
 
     print(f"\n{args.backbone}, {args.threads} thread(s), prompt {p} + {n} tokens, {args.new_tokens} new tokens, "
           f"median of {args.rounds} rounds; goal: every ratio >= 1.0")
@@ -277,18 +319,22 @@ def main() -> None:
         print(f"{r['precision']:>5} b{r['batch']:<3} {r['ours_decode_tok_s']:>9.1f} vs {r['genai_decode_tok_s']:>8.1f} "
               f"{r['decode_ratio']:>6.2f} {r['genai_prefill_ms']:>20.1f} / {r['ours_prefill_ms']:>8.1f} / "
               f"{r['ours_scratch_prefill_ms']:>8.1f} {r['prefill_ratio_cached']:>6.2f} {r['prefill_ratio_scratch']:>5.2f}")
-    print("decode ratio paired by round (ours / genai run back to back): mean [95% t-interval], rounds won")
+    print("decode ratios paired by round (the sides run back to back): mean [95% t-interval], rounds won; "
+          "ours / genai, then genai's graph in our loop / genai (the loop's share of a gap)")
     for r in rows:
-        d = r["decode_ratio_paired"]
+        d, g = r["decode_ratio_paired"], r["genai_graph_in_our_loop_paired"]
         print(f"{r['precision']:>5} b{r['batch']:<3} {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}], "
-              f"{d['won']} of {d['rounds']}")
+              f"{d['won']} of {d['rounds']}   |   {g['mean']:.3f} [{g['low']:.3f}, {g['high']:.3f}], "
+              f"{g['won']} of {g['rounds']}")
     print(f"classify b8x64 from the generation graph: fused {classify['fused_ms']:.1f} ms, traced "
           f"{classify['traced_ms']:.1f} ms → {classify['fused_over_traced']:.2f}x")
-    print(f"greedy tokens equal genai's (ours from scratch, prompt = first {p} token embeddings): {agree}")
+    print(f"greedy tokens equal genai's (ours from scratch, prompt = first {p} token embeddings): {agree}; "
+          f"genai's graph in our loop: {loop_agrees}")
     report = {"machine": {**machine(), "isa": isa_flags(), "threads": args.threads, "huge_pages": huge_pages()},
               "versions": {"onnxruntime_genai": og.__version__ if hasattr(og, "__version__") else "?"},
               "backbone": args.backbone, "prompt_length": p, "input_tokens": n, "new_tokens": args.new_tokens,
-              "rounds": args.rounds, "rows": rows, "classify_b8x64": classify, "greedy_tokens_equal": agree}
+              "rounds": args.rounds, "rows": rows, "classify_b8x64": classify, "greedy_tokens_equal": agree,
+              "genai_graph_in_our_loop_tokens_equal": loop_agrees}
     out = args.out or HERE / "results" / f"genai-{args.backbone.replace('/', '_')}.json"
     write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"→ {out}")
