@@ -49,7 +49,7 @@ from mpt_edge_runtime.fused_decoder import FusedDecoderSession
 from mpt_edge_runtime.generation import DecoderSession, decode
 from mpt_edge_runtime.sampling import SamplingParams
 from mpt_edge_runtime.session import GraphSession
-from quality import T95
+from quality import t_interval
 
 HERE = Path(__file__).parent
 TEXT = ("Review: a gorgeous, moving film whose actors never put a foot wrong, even when the plot does. The "
@@ -211,8 +211,7 @@ def paired_ratios(ours: list[float], genai: list[float]) -> dict:
     """Per-round ratios ours / genai (each round runs both back to back, so the pair shares the machine's state):
     their mean with a 95% Student-t interval, and the rounds ours won: what "at least 1.0, reliably" is judged by."""
     ratios = [a / b for a, b in zip(ours, genai)]
-    mean = statistics.mean(ratios)
-    half = T95.get(len(ratios) - 1, 1.96) * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0.0
+    mean, half = t_interval(ratios) if len(ratios) > 1 else (ratios[0], 0.0)
     return {"ratios": ratios, "mean": mean, "low": mean - half, "high": mean + half, "rounds": len(ratios),
             "won": sum(r >= 1.0 for r in ratios)}
 

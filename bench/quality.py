@@ -251,15 +251,20 @@ def paired(runs: list[dict], targets: list[str], k, method: str) -> dict[int, fl
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% Student-t interval) of n ≥ 2 values."""
+    return (statistics.mean(values),
+            T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5)
+
+
 def mean_interval(values) -> str:
     """'mean [lo, hi]': the 95% Student-t interval of the mean (n ≥ 2), else the mean alone."""
     values = list(values)
     if not values:
         return "–"
-    mean = statistics.mean(values)
     if len(values) < 2:
-        return f"{mean:+.1f}"
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+        return f"{values[0]:+.1f}"
+    mean, half = t_interval(values)
     return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
