@@ -18,7 +18,7 @@ from mpt_edge_export.bundle_writer import BundleSource, ExportOptions, ExportTas
 from mpt_edge_export.families.causal.fused import export_fused_decoder, fusable, fused_parity_report
 from mpt_edge_export.transform import op_counts
 from mpt_edge_runtime import BundleError, SamplingParams, load
-from mpt_edge_runtime.fused_decoder import FusedDecoderSession
+from mpt_edge_runtime.fused_decoder import HEADROOM, FusedDecoderSession
 from mpt_edge_runtime.generation import decode, label_log_probs
 from mpt_edge_runtime.session import BoundCall, GraphSession
 from test_generation import TEXTS, ids_of, torch_greedy
@@ -63,6 +63,14 @@ def test_greedy_equals_pytorch_token_for_token_batch_one_and_ragged_batches(fuse
     expected = [torch_greedy(backbone.model, prompts[0], ids, 6) for _, ids in rows]
     assert greedy(steps, rows[:1], 6) == expected[:1]
     assert greedy(steps, rows, 6) == expected
+
+
+def test_decoding_past_the_cache_headroom_regrows_the_buffers_and_still_equals_pytorch(fused):
+    backbone, steps, prompts, _ = fused
+    cache = steps.prefix(prompts[0].numpy())
+    rows = [(cache, ids_of(backbone, t)) for t in TEXTS[:2]]
+    n = HEADROOM + 8   # the KV buffers fill up and are doubled mid-generation: the decode call is bound anew
+    assert greedy(steps, rows, n) == [torch_greedy(backbone.model, prompts[0], ids, n) for _, ids in rows]
 
 
 def test_mixed_task_batch_equals_per_task_runs_and_pytorch(fused):

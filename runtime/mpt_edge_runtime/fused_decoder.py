@@ -3,7 +3,7 @@ GroupQueryAttention appends the KV cache inside the graph.
 
     prefix = steps.prefix(prompt)                        # once per task: the prompt's KV, (h_kv, l, d_h) per layer
     logits, features, state = steps.start([(prefix, ids), ...])
-    logits, state = steps.advance(state, tokens)         # one decode step, tokens (B,)
+    logits, state = steps.advance(state, tokens)         # one decode step, tokens (B,); logits valid until the next
 
 It offers the calls of `generation.DecoderSession`, so `decode` and `label_log_probs` run on it unchanged. Rows
 are right-padded and each row's cache is packed from position 0: [prompt KV | its tokens | unused], with
@@ -92,42 +92,53 @@ class FusedDecoderSession:
         return logits, features, self.state(present, lengths)
 
     def state(self, present: Sequence[np.ndarray], total: np.ndarray):
-        """The decoding state after a `step` that returned `present` with `total` (B,) positions per row."""
-        return with_room(present, present[0].shape[2] + HEADROOM), total, None
+        """The decoding state after a `step` that returned `present` with `total` (B,) positions per row:
+        (KV buffers, total, the longest row's total, the bound decode call or None)."""
+        return with_room(present, present[0].shape[2] + HEADROOM), total, int(total.max()), None
 
     def features(self, rows: Sequence[tuple[Cache, Sequence[int]]]) -> np.ndarray:
         """The last input token's hidden state of each row, (B, d): what classification reads."""
         return self.start(rows)[1]
 
     def advance(self, state, tokens: np.ndarray):
-        """One decode step; the state's buffers receive the new KV in place (the state passed in is used up)."""
-        buffers, total, step = state
-        total = total + 1
-        if total.max() > buffers[0].shape[2]:
+        """One decode step; the state's buffers receive the new KV in place (the state passed in is used up), and
+        the logits (B, V) returned are the decode call's own array: read them before the next `advance`. Few
+        numpy calls on purpose: after a graph call each costs ~20 us of cold caches (bench/call_gap.py)."""
+        buffers, total, longest, step = state
+        if longest + 1 > buffers[0].shape[2]:
             buffers, step = with_room(buffers, 2 * buffers[0].shape[2]), None
-        step = step or self._decode_step(buffers)
-        step.run({fmt.INPUT_IDS: tokens[:, None].astype(np.int64), fmt.PROMPT_EMBEDS: self.no_prompt(len(tokens)),
-                  fmt.STEP_LENGTHS: np.ones(len(tokens), np.int64), fmt.TOTAL_LENGTHS: total})
-        return step.logits.copy(), (buffers, total, step)
+        step = step or self._decode_step(buffers, total)
+        np.add(step.total, 1, out=step.total)
+        step.input_ids[:, 0] = tokens
+        step.run({})
+        return step.logits, (buffers, step.total, longest + 1, step)
 
     def select(self, state, index: np.ndarray):
-        buffers, total, _ = state
-        return [b[index] for b in buffers], total[index], None
+        buffers, total, _, _ = state
+        return [b[index] for b in buffers], total[index], int(total[index].max()), None
 
-    def _decode_step(self, buffers: list[np.ndarray]) -> "DecodeStep":
-        """The decode call bound to these KV buffers (in place) and to logits / features arrays of this batch."""
+    def _decode_step(self, buffers: list[np.ndarray], total: np.ndarray) -> "DecodeStep":
+        """The decode call bound once to these KV buffers (written in place), to this batch's small inputs (changed
+        in place before each call: nothing is bound again per token; `total` (B,) is copied in) and to its logits /
+        features arrays."""
         batch = buffers[0].shape[0]
+        input_ids, total = np.zeros((batch, 1), np.int64), total.astype(np.int64)
         logits = np.zeros((batch, self.vocab_size), np.float32)
         features = np.zeros((batch, self.hidden_size), np.float32)
         past, present = fmt.cache_names("past", self.layers), fmt.cache_names("present", self.layers)
-        run = self.graph.bind(dict(zip(past, buffers)), dict(zip(present, past)),
+        inputs = {fmt.INPUT_IDS: input_ids, fmt.PROMPT_EMBEDS: self.no_prompt(batch),
+                  fmt.STEP_LENGTHS: np.ones(batch, np.int64), fmt.TOTAL_LENGTHS: total}
+        run = self.graph.bind({**dict(zip(past, buffers)), **inputs}, dict(zip(present, past)),
                               {fmt.LOGITS: logits, fmt.FEATURES: features})
-        return DecodeStep(run, logits)
+        return DecodeStep(run, input_ids, total, logits)
 
 
 @dataclass(frozen=True)
 class DecodeStep:
-    """A generation's decode call, bound once to its KV buffers: `run(small inputs)` refreshes `logits` (B, V)."""
+    """A generation's decode call, bound once: set `input_ids` (B, 1) and `total` (B, cache positions after the
+    step), then `run({})` refreshes `logits` (B, V)."""
 
     run: BoundCall
+    input_ids: np.ndarray
+    total: np.ndarray
     logits: np.ndarray

@@ -66,7 +66,7 @@ def sampling_params(sampling: SamplingParams | None, options: Mapping[str, objec
 def next_tokens(logits: np.ndarray, config: SamplingParams, rng: np.random.Generator) -> np.ndarray:
     """logits (B, V) → token ids (B,) int64: the argmax (temperature 0), or a draw from `filtered_probabilities`."""
     if config.temperature == 0:
-        return logits.argmax(axis=-1).astype(np.int64)
+        return logits.argmax(axis=-1).astype(np.int64, copy=False)
     probs = filtered_probabilities(logits, config)
     draws = rng.random((probs.shape[0], 1))
     return np.minimum((probs.cumsum(axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)

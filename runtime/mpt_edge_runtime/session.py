@@ -85,8 +85,9 @@ class GraphSession:
         """A call repeated over the same arrays, bound once: `buffers` (input name → array) are inputs, each output
         named in `aliases` (output → input name) is written into that input's array in place (a KV cache that
         grows inside one preallocated buffer instead of being copied every step), and every output in `outputs`
-        (name → array of its exact shape) lands in its array. Arrays are float32 and C-contiguous. Calling the
-        result runs the graph with the remaining (small) inputs. CPU binds the arrays' memory; CUDA copies."""
+        (name → array of its exact shape) lands in its array. Arrays are C-contiguous, float32 or int64 (an input
+        array changed in place feeds the next call as it is). Calling the result runs the graph with the remaining
+        inputs, if any. CPU binds the arrays' memory; CUDA copies."""
         if self.device != "cpu":
             return BoundCall(self, buffers, aliases, outputs)
         binding = self.session.io_binding()
