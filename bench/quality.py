@@ -57,10 +57,12 @@ BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "medium": ("medium.toml
 # best dev score is highest (ties: the first), so learning rates are selected on dev, never on test.
 DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9, "lr_factors": TrainConfig.lr_factors,
             "lr_prompt": TrainConfig.lr_prompt, "warmup": TrainConfig.warmup, "teachers_from": None,
-            "source_from": None, "shipped_source": None, "lr_grid": None, "curve": False, "precision": "fp32"}
+            "source_from": None, "shipped_source": None, "lr_grid": None, "curve": False, "precision": "fp32",
+            "factor_rank": 0}
 # "curve": every dev evaluation also scores the test subset and records both (learning curves); only the dev
 # score selects anything. "precision" of the target runs' training forward: fp32, bf16 or auto (resolved per
-# run on the machine that runs it and recorded in the run's extra)
+# run on the machine that runs it and recorded in the run's extra). "factor_rank": rank of the mpt methods' U V
+# (0 = the shipped or trained source's; see `mpt-edge train target --factor-rank`)
 
 
 def source_stage(suite: dict, backbone, work: Path) -> tuple:
@@ -158,7 +160,8 @@ def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int,
                                     initial=initial[None])
         extra["spot_source"] = pick
     else:
-        plan = stages.target(backbone, encoded, source, config, mode=method.removeprefix("mpt-"))
+        plan = stages.target(backbone, encoded, source, config, mode=method.removeprefix("mpt-"),
+                             factor_rank=suite["factor_rank"])
     validate = dev_scorer(backbone, plan, dev, max_length=config.max_length) if config.eval_every else None
     if validate is not None and suite["curve"]:
         validate = with_test_curve(validate, dev_scorer(backbone, plan, test, max_length=config.max_length))

@@ -70,6 +70,28 @@ def factors_from_source(u: torch.Tensor, v: torch.Tensor, tasks: int,
     return u0.expand(tasks, *u0.shape).clone(), v0.expand(tasks, *v0.shape).clone()
 
 
+def split_factors(u: torch.Tensor, v: torch.Tensor, rank: int, generator: torch.Generator,
+                  noise: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors u (T, l, r), v (T, r, d) → (T, l, rank), (T, rank, d), rank >= r, with the same product to
+    O(noise²): each of the r components becomes rank / r equal parts scaled by sqrt(r / rank) (their products
+    add up to the original), plus noise of relative size `noise` that sums to zero over the parts, so the parts
+    can specialise (identical ones would get identical gradients forever). The new components start at the
+    scale of the old, not at zero: Adafactor steps scale with a parameter's RMS and would leave zeros in place."""
+    tasks, length, r = u.shape
+    if rank % r:
+        raise ConfigError(f"factor rank {rank} must be a multiple of the source's rank {r}")
+    parts, scale = rank // r, (r / rank) ** 0.5
+
+    def split(x: torch.Tensor, dim: int) -> torch.Tensor:
+        copies = x.repeat_interleave(parts, dim=dim) * scale
+        jitter = torch.randn(copies.shape, generator=generator)
+        grouped = jitter.unflatten(dim, (r, parts))
+        jitter = (grouped - grouped.mean(dim=dim + 1, keepdim=True)).flatten(dim, dim + 1)
+        return copies + noise * copies.abs().mean() * jitter
+
+    return split(u, 2), split(v, 1)
+
+
 def init_prompt(strategy: str, embeddings: torch.Tensor, length: int, generator: torch.Generator,
                 text_ids: Sequence[int] = ()) -> torch.Tensor:
     """Dispatch one of PROMPT_INITS: (l, d)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpt_edge.prompt_init import factors_from_source, identity_factors, init_prompt, text_prompt, vocab_prompt
+from mpt_edge.errors import ConfigError
+from mpt_edge.prompt_init import (factors_from_source, identity_factors, init_prompt, split_factors, text_prompt,
+                                     vocab_prompt)
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 
 
@@ -94,3 +96,17 @@ def test_init_strategies_are_pure_and_shaped():
     assert mu.shape == (4, 5, 2) and torch.allclose(mu[3], src_u.mean(0)) and torch.allclose(mv[0], src_v.mean(0))
     one_u, _ = factors_from_source(src_u, src_v, 2, source_task=1)
     assert torch.equal(one_u[0], src_u[1])
+
+
+def test_split_factors_keep_the_product_and_give_the_parts_room_to_differ():
+    g = torch.Generator().manual_seed(2)
+    u, v = 1 + 0.3 * torch.randn(2, 5, 1, generator=g), 1 + 0.3 * torch.randn(2, 1, 8, generator=g)
+    u4, v4 = split_factors(u, v, 4, g)
+    assert u4.shape == (2, 5, 4) and v4.shape == (2, 4, 8)
+    torch.testing.assert_close(u4 @ v4, u @ v, atol=2e-3, rtol=0)          # equal up to the noise squared
+    assert not torch.equal(u4[..., 0], u4[..., 1]) and not torch.equal(v4[:, 0], v4[:, 1])
+    assert float(u4.abs().min()) > 0.1                                      # no zero parts for Adafactor to leave
+    same_u, _ = split_factors(u, v, 1, g)
+    assert torch.equal(same_u, u)
+    with pytest.raises(ConfigError, match="multiple of the source's rank 2"):
+        split_factors(torch.ones(1, 5, 2), torch.ones(1, 2, 8), 3, g)

@@ -13,6 +13,7 @@ from mpt_edge.backbones import fingerprint
 from mpt_edge.batching import collate, encode_tasks
 from mpt_edge.evaluate import dev_scorer, evaluate_trained
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
+from mpt_edge.errors import ConfigError
 from mpt_edge.losses import DistillConfig, Totals, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.precision import forward_precision, resolve_precision
@@ -105,6 +106,22 @@ def test_target_modes_train_the_right_parameters(backbone, source_runs):
     torch.testing.assert_close(full.prompt.shared[1].detach(), src["prompt.shared"][0])
     one = stages.target(backbone, tgt, source, config(), mode="full", factor_init="topic")
     torch.testing.assert_close(one.prompt.v[0].detach(), src["prompt.v"][source.index_of("topic")])
+
+
+def test_a_higher_factor_rank_starts_from_the_same_prompts_and_is_recorded(backbone, source_runs):
+    _, source = source_runs
+    tgt = encoded(backbone, "mood", "polarity")
+    base = stages.target(backbone, tgt, source, config(), mode="factors")             # the source's rank, 2
+    split = stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=4)
+    assert base.prompt.rank == 2 and split.prompt.rank == 4 and split.meta["prompt"]["rank"] == 4
+    ids = torch.tensor([0, 1])
+    torch.testing.assert_close(split.prompt.compose(ids), base.prompt.compose(ids), atol=5e-3, rtol=0)
+    trainable = sum(p.numel() for p in split.prompt.parameters() if p.requires_grad)
+    assert trainable == 2 * 4 * (split.prompt.length + split.prompt.hidden_size)   # two tasks, rank 4
+    with pytest.raises(ConfigError, match="factor rank 1 is below the source's rank 2"):
+        stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=1)
+    with pytest.raises(ConfigError, match="factor rank must be an integer >= 0"):
+        stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=-1)
 
 
 def test_distillation_loss_is_zero_for_identical_student_and_positive_otherwise():
