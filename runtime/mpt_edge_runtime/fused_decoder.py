@@ -3,7 +3,7 @@ GroupQueryAttention appends the KV cache inside the graph.
 
     prefix = steps.prefix(prompt)                        # once per task: the prompt's KV, (h_kv, l, d_h) per layer
     logits, features, state = steps.start([(prefix, ids), ...])
-    logits, state = steps.advance(state, tokens)         # one decode step, tokens (B,); logits valid until the next
+    logits, state = steps.advance(state, tokens)         # one decode step, tokens (B,); logits valid until the next one
 
 It offers the calls of `generation.DecoderSession`, so `decode` and `label_log_probs` run on it unchanged. Rows
 are right-padded and each row's cache is packed from position 0: [prompt KV | its tokens | unused], with
