@@ -3,6 +3,8 @@
     python bench/quality.py --budget small          # SmolLM2 + MiniLM suites sized for 2 CPU cores
     python bench/quality.py bench/suites/smoke.toml  # any suite file(s)
     python bench/quality.py bench/suites/transfer.toml --work builds/quality --report   # tables so far, trains nothing
+    python bench/quality.py bench/suites/transfer-factor-rank2.toml --work builds/quality --report \
+        --against bench/suites/transfer.toml         # an ablation beside the same runs of its base suite
 
 Stages 1-2 (teachers, distilled source) run once per suite and are cached. Then every (target, k, seed,
 method) run trains with the same step budget, keeps the tensors that score best on a fixed dev subset
@@ -427,12 +429,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / "results" / "work" / "quality")
     parser.add_argument("--report", action="store_true",
                         help="print the tables of the runs finished so far (a suite in progress) and train nothing")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="with --report: an ablation's runs beside the same runs (target, k, seed, method) of "
+                             "this other suite file, dev and test, with paired differences")
     args = parser.parse_args()
     if bool(args.suites) == bool(args.budget):
         parser.error("give suite files or --budget (one of the two)")
+    if args.against and not args.report:
+        parser.error("--against compares finished runs: use it with --report")
     paths = args.suites or [HERE / "suites" / name for name in BUDGETS[args.budget]]
     for suite in [read_suite(p) for p in paths]:
-        if args.report:
+        if args.against:
+            other = read_suite(args.against)
+            print(ablation_table(suite["name"], read_runs(args.work / suite["name"] / "runs.jsonl"), other["name"],
+                                 read_runs(args.work / other["name"] / "runs.jsonl")))
+        elif args.report:
             print(report_so_far(suite, args.work))
         else:
             run_suite(suite, args.work)
@@ -444,6 +455,32 @@ def report_so_far(suite: dict, work_root: Path) -> str:
     total = len(suite["targets"]) * len(suite["k"]) * len(suite["seeds"]) * len(suite["methods"])
     hours = sum(r["seconds"] for r in runs) / 3600
     return f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + report_markdown(suite, runs)
+
+
+def ablation_table(name: str, runs: list[dict], base_name: str, base_runs: list[dict]) -> str:
+    """Markdown: every run of an ablation beside the run of the same (target, k, seed, method) in its base suite:
+    the dev score selection kept and the test accuracy of each (points), then the mean paired difference,
+    ablation − base, with its 95% interval. Dev is what a choice between them may use; test is shown, not used."""
+    base = {_key(r): r for r in base_runs}
+    pairs = [(r, base[_key(r)]) for r in runs if _key(r) in base]
+    if not pairs:
+        return f"{name}: none of its {len(runs)} runs has a finished counterpart in {base_name} yet"
+
+    def dev(r: dict) -> float:
+        return 100 * r["extra"]["best"]["score"]
+
+    def test(r: dict) -> float:
+        return 100 * r["scores"]["accuracy"]
+
+    lines = [f"{name} against {base_name}, run by run (points; dev = the score dev selection kept)", "",
+             f"| target | k | seed | method | dev {base_name} | dev {name} | test {base_name} | test {name} |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r, b in pairs:
+        lines.append(f"| {r['target']} | {r['k']} | {r['seed']} | {r['method']} | {dev(b):.1f} | {dev(r):.1f} | "
+                     f"{test(b):.1f} | {test(r):.1f} |")
+    lines += ["", f"{name} − {base_name}, mean [95% interval] over {len(pairs)} pairs: dev "
+              f"{mean_interval(dev(r) - dev(b) for r, b in pairs)}, test {mean_interval(test(r) - test(b) for r, b in pairs)}"]
+    return "\n".join(lines)
 
 
 def report_markdown(suite: dict, runs: list[dict]) -> str:

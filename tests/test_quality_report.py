@@ -42,3 +42,16 @@ def test_selection_table_counts_the_runs_that_kept_the_untrained_step():
     assert "| pt | 0 of 1, 100 | – |" in table and "| mpt-full | 2 of 3, 0 | – |" in table
     assert "| baseline |" not in table
     assert quality.selection_table(suite, [run("alpha", 0, "baseline", 0.3)]) == ""
+
+
+def test_ablation_table_pairs_runs_with_the_base_suite_and_reports_dev_and_test():
+    def graded(target, seed, dev, test):
+        return {**run(target, seed, "mpt-factors", test), "extra": {"best": {"step": 100, "score": dev}}}
+
+    base = [graded("alpha", 0, 0.50, 0.40), graded("beta", 0, 0.60, 0.70), graded("gamma", 0, 0.1, 0.1)]
+    ablation = [graded("alpha", 0, 0.56, 0.45), graded("beta", 0, 0.62, 0.68), graded("delta", 0, 0.9, 0.9)]
+    table = quality.ablation_table("rank2", ablation, "transfer", base)
+    assert "| alpha | 16 | 0 | mpt-factors | 50.0 | 56.0 | 40.0 | 45.0 |" in table
+    assert "delta" not in table and "gamma" not in table                       # only runs both suites finished
+    assert "over 2 pairs: dev +4.0 [" in table and ", test +1.5 [" in table
+    assert "none of its 1 runs" in quality.ablation_table("rank2", ablation[2:], "transfer", base)
