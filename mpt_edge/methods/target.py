@@ -13,9 +13,9 @@ from enum import Enum
 import torch
 
 from mpt_edge.batching import EncodedTask
+from mpt_edge.errors import ConfigError
 from mpt_edge.methods.building_blocks import choice, classifier_for, meta, new_heads, sizes, supervised_loss
 from mpt_edge.prompt import MultitaskPrompt
-from mpt_edge.errors import ConfigError
 from mpt_edge.prompt_init import factors_from_source, identity_factors, split_factors
 from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler
 from mpt_edge.tasks import TaskError
