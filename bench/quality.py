@@ -60,11 +60,12 @@ BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "medium": ("medium.toml
 DEFAULTS = {"eval_every": 0, "dev_limit": 100, "source_distill": 0.9, "lr_factors": TrainConfig.lr_factors,
             "lr_prompt": TrainConfig.lr_prompt, "warmup": TrainConfig.warmup, "teachers_from": None,
             "source_from": None, "shipped_source": None, "lr_grid": None, "curve": False, "precision": "fp32",
-            "factor_rank": 0}
+            "factor_rank": 0, "factor_growth": "extend"}
 # "curve": every dev evaluation also scores the test subset and records both (learning curves); only the dev
 # score selects anything. "precision" of the target runs' training forward: fp32, bf16 or auto (resolved per
 # run on the machine that runs it and recorded in the run's extra). "factor_rank": rank of the mpt methods' U V
-# (0 = the shipped or trained source's; see `mpt-edge train target --factor-rank`)
+# (0 = the shipped or trained source's; see `mpt-edge train target --factor-rank`), grown by "factor_growth"
+# ("extend", or "split": the first rank-2 ablation's init)
 
 
 def source_stage(suite: dict, backbone, work: Path) -> tuple:
@@ -163,7 +164,7 @@ def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int,
         extra["spot_source"] = pick
     else:
         plan = stages.target(backbone, encoded, source, config, mode=method.removeprefix("mpt-"),
-                             factor_rank=suite["factor_rank"])
+                             factor_rank=suite["factor_rank"], factor_growth=suite["factor_growth"])
     validate = dev_scorer(backbone, plan, dev, max_length=config.max_length) if config.eval_every else None
     if validate is not None and suite["curve"]:
         validate = with_test_curve(validate, dev_scorer(backbone, plan, test, max_length=config.max_length))

@@ -70,16 +70,28 @@ def factors_from_source(u: torch.Tensor, v: torch.Tensor, tasks: int,
     return u0.expand(tasks, *u0.shape).clone(), v0.expand(tasks, *v0.shape).clone()
 
 
+def extend_factors(u: torch.Tensor, v: torch.Tensor, rank: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors u (T, l, r), v (T, r, d) → (T, l, rank), (T, rank, d), rank >= r, with exactly the same product: the
+    new columns of u are zeros and the new rows of v are random at v's scale, so the new parts start contributing
+    nothing but get a gradient (through v) from the first step. Adafactor scales a step by the RMS of the whole
+    (l, rank) tensor, so the zero columns move at the old columns' scale."""
+    tasks, length, r = u.shape
+    extra = rank - r
+    rows = torch.randn((tasks, extra, v.shape[2]), generator=generator) * v.pow(2).mean().sqrt()
+    return torch.cat([u, u.new_zeros((tasks, length, extra))], dim=2), torch.cat([v, rows.to(v.dtype)], dim=1)
+
+
 def split_factors(u: torch.Tensor, v: torch.Tensor, rank: int, generator: torch.Generator,
                   noise: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors u (T, l, r), v (T, r, d) → (T, l, rank), (T, rank, d), rank >= r, with the same product to
-    O(noise²): each of the r components becomes rank / r equal parts scaled by sqrt(r / rank) (their products
-    add up to the original), plus noise of relative size `noise` that sums to zero over the parts, so the parts
-    can specialise (identical ones would get identical gradients forever). The new components start at the
-    scale of the old, not at zero: Adafactor steps scale with a parameter's RMS and would leave zeros in place."""
+    """Factors u (T, l, r), v (T, r, d) → (T, l, rank), (T, rank, d), rank a multiple of r, with the same product
+    to O(noise²): each component becomes rank / r equal parts scaled by sqrt(r / rank), plus noise of relative size
+    `noise` that sums to zero over the parts. Their differences enter the product only at second order, so it
+    moves as the rank-r product would until they grow (`extend_factors` has no such start); kept for the record of
+    the first rank-2 ablation (bench/suites/transfer-factor-rank2.toml)."""
     tasks, length, r = u.shape
     if rank % r:
-        raise ConfigError(f"factor rank {rank} must be a multiple of the source's rank {r}")
+        raise ConfigError(f"factor rank {rank} must be a multiple of the source's rank {r} to split its factors")
     parts, scale = rank // r, (r / rank) ** 0.5
 
     def split(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -90,6 +102,9 @@ def split_factors(u: torch.Tensor, v: torch.Tensor, rank: int, generator: torch.
         return copies + noise * copies.abs().mean() * jitter
 
     return split(u, 2), split(v, 1)
+
+
+FACTOR_GROWTHS = {"extend": extend_factors, "split": split_factors}   # how a target's U V gains rank
 
 
 def init_prompt(strategy: str, embeddings: torch.Tensor, length: int, generator: torch.Generator,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mpt_edge.errors import ConfigError
-from mpt_edge.prompt_init import (factors_from_source, identity_factors, init_prompt, split_factors, text_prompt,
-                                     vocab_prompt)
+from mpt_edge.prompt_init import (extend_factors, factors_from_source, identity_factors, init_prompt, split_factors,
+                                     text_prompt, vocab_prompt)
 from mpt_edge.prompt import MultitaskPrompt, PromptConfig
 
 
@@ -108,5 +108,17 @@ def test_split_factors_keep_the_product_and_give_the_parts_room_to_differ():
     assert float(u4.abs().min()) > 0.1                                      # no zero parts for Adafactor to leave
     same_u, _ = split_factors(u, v, 1, g)
     assert torch.equal(same_u, u)
-    with pytest.raises(ConfigError, match="multiple of the source's rank 2"):
+    with pytest.raises(ConfigError, match="multiple of the source's rank 2 to split"):
         split_factors(torch.ones(1, 5, 2), torch.ones(1, 2, 8), 3, g)
+
+
+def test_extend_factors_keep_the_product_exactly_and_the_new_parts_get_a_gradient():
+    g = torch.Generator().manual_seed(3)
+    u, v = 1 + 0.3 * torch.randn(2, 5, 1, generator=g), 1 + 0.3 * torch.randn(2, 1, 8, generator=g)
+    u3, v3 = extend_factors(u, v, 3, g)
+    assert u3.shape == (2, 5, 3) and v3.shape == (2, 3, 8)
+    assert torch.equal(u3 @ v3, u @ v) and torch.equal(u3[..., :1], u) and torch.equal(v3[:, :1], v)
+    assert not torch.equal(v3[:, 1], v3[:, 2]) and float(v3[:, 1:].std()) > 0.1
+    u3.requires_grad_(True)
+    (u3 @ v3).pow(2).sum().backward()
+    assert float(u3.grad[..., 1:].abs().sum()) > 0   # zero columns, but they learn from the first step

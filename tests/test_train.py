@@ -112,12 +112,16 @@ def test_a_higher_factor_rank_starts_from_the_same_prompts_and_is_recorded(backb
     _, source = source_runs
     tgt = encoded(backbone, "mood", "polarity")
     base = stages.target(backbone, tgt, source, config(), mode="factors")             # the source's rank, 2
-    split = stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=4)
-    assert base.prompt.rank == 2 and split.prompt.rank == 4 and split.meta["prompt"]["rank"] == 4
+    grown = stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=5)
+    split = stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=4, factor_growth="split")
+    assert base.prompt.rank == 2 and grown.prompt.rank == 5 and grown.meta["prompt"]["rank"] == 5
     ids = torch.tensor([0, 1])
+    torch.testing.assert_close(grown.prompt.compose(ids), base.prompt.compose(ids), atol=1e-6, rtol=0)
     torch.testing.assert_close(split.prompt.compose(ids), base.prompt.compose(ids), atol=5e-3, rtol=0)
-    trainable = sum(p.numel() for p in split.prompt.parameters() if p.requires_grad)
-    assert trainable == 2 * 4 * (split.prompt.length + split.prompt.hidden_size)   # two tasks, rank 4
+    trainable = sum(p.numel() for p in grown.prompt.parameters() if p.requires_grad)
+    assert trainable == 2 * 5 * (grown.prompt.length + grown.prompt.hidden_size)   # two tasks, rank 5
+    with pytest.raises(ConfigError, match="factor growth must be one of extend, split"):
+        stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=4, factor_growth="grow")
     with pytest.raises(ConfigError, match="factor rank 1 is below the source's rank 2"):
         stages.target(backbone, tgt, source, config(), mode="factors", factor_rank=1)
     with pytest.raises(ConfigError, match="factor rank must be an integer >= 0"):

@@ -167,9 +167,9 @@ def train_target(
                                                        "folder, or a checkpoint of `train source` (mpt) or any prompt checkpoint (spot).")] = None,
     mode: Annotated[str, typer.Option(help="mpt: full (P* per task), factors (P* frozen), group (shared trained P*).")] = "full",
     factor_init: Annotated[str, typer.Option(help="mpt: mean (paper), shared-only, or a source task name.")] = "mean",
-    factor_rank: Annotated[int, typer.Option(help="mpt: rank of each task's U V (0 = the source's); higher splits the "
-                                                  "source's pair into parts with the same product. A task in factors "
-                                                  "mode stores 4 (l + d) bytes per rank.")] = 0,
+    factor_rank: Annotated[int, typer.Option(help="mpt: rank of each task's U V (0 = the source's); higher adds zero "
+                                                  "columns to U and random rows to V: the same starting prompt, more to "
+                                                  "adapt. A task in factors mode stores 4 (l + d) bytes per rank.")] = 0,
     spot_task: Annotated[str, typer.Option(help="spot: the source task whose prompt initialises the target.")] = "",
     backbone: Annotated[Optional[str], typer.Option(
         help="Named backbone (smollm2-135m, minilm-l6) or a local HF folder (default: the "

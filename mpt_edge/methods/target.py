@@ -16,7 +16,7 @@ from mpt_edge.batching import EncodedTask
 from mpt_edge.errors import ConfigError
 from mpt_edge.methods.building_blocks import choice, classifier_for, meta, new_heads, sizes, supervised_loss
 from mpt_edge.prompt import MultitaskPrompt
-from mpt_edge.prompt_init import factors_from_source, identity_factors, split_factors
+from mpt_edge.prompt_init import FACTOR_GROWTHS, factors_from_source, identity_factors
 from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler
 from mpt_edge.tasks import TaskError
 from mpt_edge.trained import Trained
@@ -37,15 +37,18 @@ class TargetConfig:
     mode: TargetMode = TargetMode.FULL
     factor_init: str = MEAN   # "mean" of the source factors [paper], a source task's name (its exact pair), or
                               # "shared-only" (factors start at ones: only P* transfers)
-    factor_rank: int = 0      # rank of each target's U V; 0 = the source's. Higher: the source's pair split into
-                              # that many parts with the same product (more to adapt in `factors` mode, 4 (l + d)
-                              # bytes per rank and task)
+    factor_rank: int = 0      # rank of each target's U V; 0 = the source's. Higher: more to adapt in `factors`
+                              # mode, 4 (l + d) bytes per rank and task, starting from the same prompt
+    factor_growth: str = "extend"   # how U V gain that rank: "extend" (new zero columns of U, random rows of V:
+                                    # exactly the same product) or "split" (the first rank-2 ablation's init)
 
     def __post_init__(self):
         object.__setattr__(self, "mode", choice(TargetMode, self.mode, "target mode"))
         object.__setattr__(self, "factor_init", self.factor_init or MEAN)
         if not isinstance(self.factor_rank, int) or isinstance(self.factor_rank, bool) or self.factor_rank < 0:
             raise ConfigError(f"factor rank must be an integer >= 0 (0 = the source's rank), got {self.factor_rank!r}")
+        if self.factor_growth not in FACTOR_GROWTHS:
+            raise ConfigError(f"factor growth must be one of {', '.join(FACTOR_GROWTHS)}, got {self.factor_growth!r}")
 
 
 def plan(backbone, encoded: Sequence[EncodedTask], source_run: Trained, train: TrainConfig,
@@ -63,10 +66,10 @@ def plan(backbone, encoded: Sequence[EncodedTask], source_run: Trained, train: T
         pick = None if method.factor_init == MEAN else source_run.index_of(method.factor_init)
         u, v = factors_from_source(src["prompt.u"], src["prompt.v"], tasks, pick)
         if method.factor_rank and method.factor_rank < u.shape[2]:
-            raise ConfigError(f"factor rank {method.factor_rank} is below the source's rank {u.shape[2]}; pass a "
-                              f"multiple of {u.shape[2]}, or 0 to keep the source's")
+            raise ConfigError(f"factor rank {method.factor_rank} is below the source's rank {u.shape[2]}; pass "
+                              f"{u.shape[2]} or more, or 0 to keep the source's")
         if method.factor_rank > u.shape[2]:
-            u, v = split_factors(u, v, method.factor_rank, generator)
+            u, v = FACTOR_GROWTHS[method.factor_growth](u, v, method.factor_rank, generator)
     if mode is TargetMode.FULL:
         prompt = MultitaskPrompt(shared0.expand(tasks, *shared0.shape), u, v, range(tasks))
     else:
