@@ -5,8 +5,8 @@
 
 Runs the runtime's own greedy `decode` (the path `Engine.generate` takes) on the fused fp32 graph that
 `bench/genai.py` exports, and splits each decode step into the graph call (onnxruntime's `run_with_iobinding`)
-and everything else: the loop's time between calls (binding four small inputs, the argmax, the logits copy, the
-generator). Then it widens that gap on purpose, busy-waiting a pause after every token, and reports how much
+and everything else: the loop's time between calls (the argmax, the end-of-sequence check, filling the decode
+call's inputs, the generator). Then it widens that gap on purpose, busy-waiting a pause after every token, and reports how much
 slower the graph call itself gets, paired by round against no pause. onnxruntime's worker threads spin for a
 while after a call before they sleep; if the loop's own gap is past that point, every call pays for waking them,
 and a tighter loop (a C++ generator, an argmax inside the graph) would be faster. Writes

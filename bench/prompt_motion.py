@@ -12,18 +12,29 @@ directions, not of step size. Reads checkpoints only; trains nothing.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
 
 from mpt_edge.checkpoint import has_checkpoint
+from mpt_edge.prompt import MultitaskPrompt
+from mpt_edge.prompt_init import factors_from_source
 from mpt_edge.shipped import resolve_source
 from mpt_edge.trained import load_trained
 from quality import read_suite
 
 
+RUN_FOLDER = re.compile(r"(?P<target>.+)-k(?P<k>[^-]+)-s(?P<seed>\d+)-mpt-")   # as quality.py names run folders
+
+
 def relative_move(now: torch.Tensor, start: torch.Tensor) -> float:
     return float((now - start).norm() / start.norm())
+
+
+def product(prompt: MultitaskPrompt) -> torch.Tensor:
+    """The first task's U V, (l, d)."""
+    return (prompt.u[0] @ prompt.v[0]).detach()
 
 
 def main() -> None:
@@ -37,18 +48,18 @@ def main() -> None:
     if not suite["shipped_source"]:
         raise SystemExit(f"error: {args.suite} trains its own source; this reads suites that start from a shipped one")
     source = resolve_source(suite["shipped_source"]).prompt.tensors()
-    start_uv = (source["prompt.u"].mean(0) @ source["prompt.v"].mean(0))
-    start = source["prompt.shared"][0] * start_uv
+    start = MultitaskPrompt(source["prompt.shared"][:1], *factors_from_source(source["prompt.u"], source["prompt.v"], 1),
+                            [0])   # what a target starts from: P* and the mean of the source factors [paper]
+    start_prompt, start_uv = start.fold()[0].detach(), product(start)
     print("| run | composed prompt moved | U V moved |\n| --- | --- | --- |")
     for folder in sorted((args.work / suite["name"] / "runs").glob("*-mpt-*")):
-        target_k, seed = folder.name.split("-s")[0], int(folder.name.split("-s")[1].split("-")[0])
-        if not has_checkpoint(folder) or (args.seed is not None and seed != args.seed) or \
-                (args.k is not None and not target_k.endswith(f"-k{args.k}")):
+        run = RUN_FOLDER.match(folder.name)
+        if run is None or not has_checkpoint(folder) or (args.seed is not None and int(run["seed"]) != args.seed) or \
+                (args.k is not None and run["k"] != str(args.k)):
             continue
-        tensors = load_trained(folder).prompt.tensors()
-        uv = tensors["prompt.u"][0] @ tensors["prompt.v"][0]
-        composed = tensors["prompt.shared"][0] * uv
-        print(f"| {folder.name} | {relative_move(composed, start):.2f} | {relative_move(uv, start_uv):.2f} |")
+        prompt = load_trained(folder).prompt
+        print(f"| {folder.name} | {relative_move(prompt.fold()[0].detach(), start_prompt):.2f} | "
+              f"{relative_move(product(prompt), start_uv):.2f} |")
 
 
 if __name__ == "__main__":

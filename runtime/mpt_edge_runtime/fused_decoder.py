@@ -115,7 +115,8 @@ class FusedDecoderSession:
 
     def select(self, state, index: np.ndarray):
         buffers, total, _, _ = state
-        return [b[index] for b in buffers], total[index], int(total[index].max()), None
+        picked = total[index]
+        return [b[index] for b in buffers], picked, int(picked.max()), None
 
     def _decode_step(self, buffers: list[np.ndarray], total: np.ndarray) -> "DecodeStep":
         """The decode call bound once to these KV buffers (written in place), to this batch's small inputs (changed
