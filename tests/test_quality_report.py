@@ -55,3 +55,18 @@ def test_ablation_table_pairs_runs_with_the_base_suite_and_reports_dev_and_test(
     assert "delta" not in table and "gamma" not in table                       # only runs both suites finished
     assert "over 2 pairs: dev +4.0 [" in table and ", test +1.5 [" in table
     assert "none of its 1 runs" in quality.ablation_table("rank2", ablation[2:], "transfer", base)
+
+
+def test_table_pairs_every_method_with_pt_and_each_mpt_mode_with_spot():
+    suite = {**quality.DEFAULTS, "name": "demo", "targets": ["alpha", "beta"], "k": [16], "seeds": [0, 1],
+             "methods": ["baseline", "pt", "spot", "mpt-full"]}
+    accuracy = {("alpha", "pt"): (0.50, 0.60), ("alpha", "spot"): (0.55, 0.61), ("alpha", "mpt-full"): (0.60, 0.64),
+                ("beta", "pt"): (0.70, 0.70), ("beta", "spot"): (0.70, 0.74), ("beta", "mpt-full"): (0.66, 0.80)}
+    runs = [run(t, seed, m, a[seed]) for (t, m), a in accuracy.items() for seed in (0, 1)]
+    table = quality.table(suite, runs)
+    assert "| target | k | spot − pt | mpt-full − pt | mpt-full − spot |" in table
+    assert "| alpha | 16 | +3.0 [" in table                 # spot − pt: seeds +5, +1
+    # all targets, mpt-full − spot: seed 0 ((60 − 55) + (66 − 70)) / 2 = +0.5, seed 1 ((64 − 61) + (80 − 74)) / 2 = +4.5
+    diffs = quality.paired(runs, ["alpha", "beta"], 16, "mpt-full", "spot")
+    assert diffs.keys() == {0, 1} and abs(diffs[0] - 0.5) < 1e-9 and abs(diffs[1] - 4.5) < 1e-9
+    assert "| all targets | 16 | " in table and "| +2.5 [" in table.splitlines()[-1]
