@@ -16,13 +16,15 @@ vanilla PT) and `bench/results/quality-<suite>.png` (accuracy vs k per method).
 
 Methods: baseline (zero-shot for causal backbones, head-only for encoders), pt, spot (PT from the source
 prompt that scores best on the target's dev split untrained), mpt-full, mpt-factors, finetune (every
-backbone weight trains; a reference, slow).
+backbone weight trains; a reference, slow). An MPT method may name its U V rank: "mpt-factors-r4" is factors mode
+with rank-4 factors (grown from the source's by the suite's "factor_growth"), beside "mpt-factors" in one suite.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 import tomllib
@@ -50,6 +52,7 @@ from finetune import finetune_run
 
 HERE = Path(__file__).parent
 METHODS = ("baseline", "pt", "spot", "mpt-full", "mpt-factors", "finetune")
+RANKED_MPT = re.compile(r"mpt-(full|factors)-r([1-9][0-9]*)")   # an MPT method with its own U V rank
 BUDGETS = {"small": ("small.toml", "small-minilm.toml"), "medium": ("medium.toml", "medium-minilm.toml"),
            "full": ("full.toml", "full-minilm.toml")}
 # optional suite keys: ablations reuse another suite's stages ("teachers_from", "source_from": a suite name);
@@ -163,8 +166,9 @@ def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int,
                                     initial=initial[None])
         extra["spot_source"] = pick
     else:
-        plan = stages.target(backbone, encoded, source, config, mode=method.removeprefix("mpt-"),
-                             factor_rank=suite["factor_rank"], factor_growth=suite["factor_growth"])
+        mode, rank = mpt_variant(method, suite["factor_rank"])
+        plan = stages.target(backbone, encoded, source, config, mode=mode, factor_rank=rank,
+                             factor_growth=suite["factor_growth"])
     validate = dev_scorer(backbone, plan, dev, max_length=config.max_length) if config.eval_every else None
     if validate is not None and suite["curve"]:
         validate = with_test_curve(validate, dev_scorer(backbone, plan, test, max_length=config.max_length))
@@ -174,6 +178,13 @@ def _one_run(suite: dict, backbone, teachers, source, target: str, k, seed: int,
         extra["evals"] = index["best"]["evals"]
     return {"scores": evaluate_trained(backbone, load_trained(out), test, max_length=config.max_length)[target],
             "extra": extra}
+
+
+def mpt_variant(method: str, suite_rank: int) -> tuple[str, int]:
+    """An MPT method's (target mode, U V rank): "mpt-factors-r4" → ("factors", 4); "mpt-full" → ("full", the
+    suite's "factor_rank", 0 = the source's)."""
+    ranked = RANKED_MPT.fullmatch(method)
+    return (ranked[1], int(ranked[2])) if ranked else (method.removeprefix("mpt-"), suite_rank)
 
 
 def with_test_curve(dev_validate, test_validate):
@@ -365,9 +376,10 @@ def curve_plot(suite: dict, runs: list[dict], path: Path) -> None:
 
 def read_suite(path: Path) -> dict:
     suite = {**DEFAULTS, **tomllib.loads(path.read_text())}
-    unknown = [m for m in suite["methods"] if m not in METHODS]
+    unknown = [m for m in suite["methods"] if m not in METHODS and not RANKED_MPT.fullmatch(m)]
     if unknown:
-        raise SystemExit(f"error: {path}: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+        raise SystemExit(f"error: {path}: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}, or "
+                         "mpt-full-rN / mpt-factors-rN (U V of rank N)")
     if (suite["lr_grid"] or suite["curve"]) and not suite["eval_every"]:
         raise SystemExit(f"error: {path}: lr_grid and curve select or record on dev: set eval_every > 0")
     return suite

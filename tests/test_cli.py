@@ -87,6 +87,8 @@ def test_quantized_export_reports_its_dev_accuracy_from_the_command_line(workspa
     assert smooth["recipe"] == "int8-smooth" and smooth["smoothed_inputs"] > 0 and smooth["calibration_feeds"] > 0
     result = invoke("export", tmp_path / "pt", "--out", tmp_path / "other", "--quantize", "int3", *common(workspace))
     assert result.exit_code == 1 and "--quantize 'int3' is not one of int8, " in result.output
+    result = invoke("export", tmp_path / "pt", "--out", tmp_path / "other", "--factors-dtype", "int8", *common(workspace))
+    assert result.exit_code == 1 and "--factors-dtype 'int8' is not one of fp32, fp16" in result.output
 
 
 def test_export_suggests_the_kv_cache_graph_for_a_long_prompt(workspace, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -146,6 +147,36 @@ def test_fp16_bundle_loads_and_agrees_with_fp32(llama, tmp_path):
     expected = torch_probabilities(llama, trained, "polarity", texts_for("polarity"))
     got = [[p.probabilities[l] for l in ("negative", "positive")] for p in engine.classify("polarity", texts_for("polarity"))]
     np.testing.assert_allclose(np.array(got), expected, atol=2e-2)
+
+
+def test_fp16_factors_halve_the_task_bytes_and_compose_as_stored(backbone, tmp_path):
+    from safetensors.numpy import load_file
+
+    trained = trained_checkpoint(backbone, tmp_path, names=("polarity",), rank=2)
+    source = bundle_source(trained, backbone)
+    write_bundle(source, tmp_path / "f32", ExportOptions(max_length=24))
+    write_bundle(source, tmp_path / "f16", ExportOptions(max_length=24, factors_dtype="fp16"))
+    full, half = (load_file(tmp_path / b / fmt.PROMPTS) for b in ("f32", "f16"))
+    for task in ("polarity", "mood"):
+        for part in ("u", "v"):
+            key = fmt.task_key(task, part)
+            assert full[key].dtype == np.float32 and half[key].dtype == np.float16
+            assert half[key].nbytes * 2 == full[key].nbytes
+    engine = mer.load(tmp_path / "f16", device="cpu")
+    shared = half[fmt.shared_key(0)]
+    for task in ("polarity", "mood"):   # the runtime composes from the rounded factors, in fp32
+        u, v = (half[fmt.task_key(task, p)].astype(np.float32) for p in ("u", "v"))
+        np.testing.assert_array_equal(engine.task(task).prompt, shared * (u @ v))
+        expected = torch_probabilities(backbone, trained, task, texts_for(task))
+        got = [[p.probabilities[label] for label in trained.specs[trained.index_of(task)].labels]
+               for p in engine.classify(task, texts_for(task))]
+        np.testing.assert_allclose(np.array(got), expected, atol=5e-3)   # fp16 rounding of U, V only
+    with pytest.raises(ExportError, match="--factors-dtype 'int8' is not one of fp32, fp16"):
+        ExportOptions(factors_dtype="int8")
+    huge = replace(source, tasks=[replace(source.tasks[0], u=source.tasks[0].u * 1e6)])
+    with pytest.raises(ExportError, match="beyond fp16's range .* export with --factors-dtype fp32"):
+        write_bundle(huge, tmp_path / "huge", ExportOptions(max_length=24, factors_dtype="fp16"))
+    assert not (tmp_path / "huge").exists()
 
 
 def test_optimized_bundle_keeps_parity(llama, tmp_path):

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import quality  # noqa: E402
@@ -70,3 +72,16 @@ def test_table_pairs_every_method_with_pt_and_each_mpt_mode_with_spot():
     diffs = quality.paired(runs, ["alpha", "beta"], 16, "mpt-full", "spot")
     assert diffs.keys() == {0, 1} and abs(diffs[0] - 0.5) < 1e-9 and abs(diffs[1] - 4.5) < 1e-9
     assert "| all targets | 16 | " in table and "| +2.5 [" in table.splitlines()[-1]
+
+
+def test_an_mpt_method_may_name_its_factor_rank(tmp_path):
+    assert quality.mpt_variant("mpt-factors-r4", 0) == ("factors", 4)
+    assert quality.mpt_variant("mpt-full-r2", 3) == ("full", 2)
+    assert quality.mpt_variant("mpt-factors", 3) == ("factors", 3)          # the suite's factor_rank
+    suite = tmp_path / "s.toml"
+    suite.write_text('name = "s"\nmethods = ["pt", "mpt-factors-r4"]\n')
+    assert quality.read_suite(suite)["methods"] == ["pt", "mpt-factors-r4"]
+    for bad in ("mpt-factors-r0", "mpt-group-r2", "mpt-factors-4", "pt-r2"):
+        suite.write_text(f'name = "s"\nmethods = ["{bad}"]\n')
+        with pytest.raises(SystemExit, match="unknown method"):
+            quality.read_suite(suite)

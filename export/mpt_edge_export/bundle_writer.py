@@ -41,6 +41,9 @@ class ExportTask:
     head_ids: np.ndarray | None = None
 
 
+FACTOR_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     fuse: bool = True             # onnxruntime's fused transformer ops, parity checked (else the traced graph):
@@ -56,6 +59,8 @@ class ExportOptions:
     overwrite: bool = False
     kv_cache: bool | None = None  # causal/seq2seq: export the generation graph(s) instead of the features graph;
                                   # None = when a task generates or scores whole verbalizer sequences
+    factors_dtype: str = "fp32"   # each task's U, V as stored: fp32, or fp16 (half the bytes a task; every
+                                  # runtime composes P* ∘ (U V) in fp32 from either)
 
     def __post_init__(self):
         if self.quantize is not None and self.quantize not in transform.QUANT_RECIPES:
@@ -64,6 +69,8 @@ class ExportOptions:
             raise ExportError(f"--dtype {self.dtype!r} is not one of {', '.join(transform.DTYPES)}")
         if self.quantize and self.dtype != "fp32":
             raise ExportError("--quantize is for CPU and fp16 for CUDA: choose one of --quantize / --dtype fp16")
+        if self.factors_dtype not in FACTOR_DTYPES:
+            raise ExportError(f"--factors-dtype {self.factors_dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
 
 
 @dataclass
@@ -143,7 +150,7 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
 
     graph, parity = _build_graph(source, folder, options, length, dim, log)
     source.tokenizer.save(str(folder / fmt.TOKENIZER))
-    (folder / fmt.PROMPTS).write_bytes(save_tensors(prompt_tensors(source)))
+    (folder / fmt.PROMPTS).write_bytes(save_tensors(prompt_tensors(source, options.factors_dtype)))
     (folder / fmt.TASKS).write_text(json.dumps({"tasks": [t.spec for t in source.tasks]}, indent=2) + "\n")
     files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     manifest = Manifest.from_json({   # checked as the runtime will read it
@@ -164,15 +171,15 @@ def _build(source: BundleSource, folder: Path, options: ExportOptions, length: i
     return manifest
 
 
-def prompt_tensors(source: BundleSource) -> dict[str, np.ndarray]:
-    """prompts.safetensors: shared prompts, each task's u, v and its learned head or its verbalizer token ids, and
-    the verbalizer table (each token's row once)."""
+def prompt_tensors(source: BundleSource, factors_dtype: str = "fp32") -> dict[str, np.ndarray]:
+    """prompts.safetensors: shared prompts, each task's u, v (in `factors_dtype`) and its learned head or its
+    verbalizer token ids, and the verbalizer table (each token's row once)."""
     tensors = {fmt.shared_key(g): np.ascontiguousarray(p, dtype=np.float32) for g, p in enumerate(source.groups)}
     table: dict[int, tuple[np.ndarray, float]] = {}
     for task in source.tasks:
         name = task.spec["name"]
-        tensors[fmt.task_key(name, "u")] = np.ascontiguousarray(task.u, dtype=np.float32)
-        tensors[fmt.task_key(name, "v")] = np.ascontiguousarray(task.v, dtype=np.float32)
+        for part, factor in (("u", task.u), ("v", task.v)):
+            tensors[fmt.task_key(name, part)] = _stored_factor(factor, factors_dtype, name)
         if task.head_ids is None:
             tensors[fmt.task_key(name, "head.weight")] = np.ascontiguousarray(task.head_weight, dtype=np.float32)
             tensors[fmt.task_key(name, "head.bias")] = np.ascontiguousarray(task.head_bias, dtype=np.float32)
@@ -186,6 +193,15 @@ def prompt_tensors(source: BundleSource) -> dict[str, np.ndarray]:
         tensors[fmt.VERBALIZER_WEIGHT] = np.stack([table[i][0] for i in ids]).astype(np.float32)
         tensors[fmt.VERBALIZER_BIAS] = np.asarray([table[i][1] for i in ids], dtype=np.float32)
     return tensors
+
+
+def _stored_factor(factor: np.ndarray, dtype: str, task: str) -> np.ndarray:
+    """A task's U or V as the bundle stores it; refuses values the dtype cannot hold rather than storing inf."""
+    largest = float(np.abs(factor).max(initial=0.0))
+    if largest > float(np.finfo(FACTOR_DTYPES[dtype]).max):
+        raise ExportError(f"task {task!r} has factor values beyond {dtype}'s range (largest |value| {largest:.3g}); "
+                          "export with --factors-dtype fp32")
+    return np.ascontiguousarray(factor, dtype=FACTOR_DTYPES[dtype])
 
 
 def _build_graph(source: BundleSource, folder: Path, options: ExportOptions, length: int, dim: int,

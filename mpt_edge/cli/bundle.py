@@ -37,6 +37,7 @@ def export_command(
     kv_cache: Annotated[Optional[bool], typer.Option("--kv-cache/--no-kv-cache", help="Causal and seq2seq: export the generation graph(s) with KV cache instead of the features graph; they serve classify too. Default: when a task generates or scores whole verbalizer sequences.")] = None,
     data: DataDir = None,
     eval_limit: Annotated[int, typer.Option(help="With --quantize: dev examples per task to compare the quantized bundle with fp32 (0: skip).")] = 200,
+    factors_dtype: Annotated[str, typer.Option(help="Each task's U, V as stored: fp32, or fp16 (half the bytes a task; the runtime composes the prompt in fp32).")] = "fp32",
 ):
     """Export a checkpoint to a bundle: backbone graph (prompt as input), tokenizer, factors, tasks, manifest.
 
@@ -52,7 +53,7 @@ def export_command(
 
     trained = load_trained(checkpoint)
     options = ExportOptions(fuse=fuse, optimize=optimize, quantize=quantize, dtype=dtype, opset=opset, overwrite=overwrite,
-                            max_length=trained.meta.max_length, kv_cache=kv_cache)
+                            max_length=trained.meta.max_length, kv_cache=kv_cache, factors_dtype=factors_dtype)
     bb = load_backbone(checkpoint_backbone(trained, checkpoint, backbone))
     trained.check_backbone(bb, checkpoint)
     source = bundle_source(trained, bb)
