@@ -465,8 +465,10 @@ def main() -> None:
 
 def report_so_far(suite: dict, work_root: Path) -> str:
     """The suite's tables from the runs in its runs.jsonl so far, headed by how many of its runs are done."""
-    runs = read_runs(work_root / suite["name"] / "runs.jsonl")
-    total = len(suite["targets"]) * len(suite["k"]) * len(suite["seeds"]) * len(suite["methods"])
+    cells = {(t, str(k), s, m) for t in suite["targets"] for k in suite["k"] for s in suite["seeds"]
+             for m in suite["methods"]}
+    runs = [r for r in read_runs(work_root / suite["name"] / "runs.jsonl") if _key(r) in cells]   # not a dropped method's
+    total = len(cells)
     hours = sum(r["seconds"] for r in runs) / 3600
     return f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + report_markdown(suite, runs)
 

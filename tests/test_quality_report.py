@@ -23,7 +23,8 @@ def test_report_counts_the_runs_done_and_skips_targets_without_any(tmp_path):
     suite = {**quality.DEFAULTS, "name": "demo", "targets": ["alpha", "beta"], "k": [16], "seeds": [0, 1],
              "methods": ["pt", "mpt-full"], "curve": True, "eval_every": 25}
     runs = [run("alpha", 0, "pt", 0.5, [(0, 0.4, 0.41), (25, 0.6, 0.62)]),
-            run("alpha", 0, "mpt-full", 0.7, [(0, 0.5, 0.52), (25, 0.8, 0.79)])]
+            run("alpha", 0, "mpt-full", 0.7, [(0, 0.5, 0.52), (25, 0.8, 0.79)]),
+            run("alpha", 0, "mpt-factors", 0.6)]   # a method the suite no longer runs: kept, not counted
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     report = quality.report_so_far(suite, tmp_path)
