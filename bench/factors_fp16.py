@@ -16,21 +16,16 @@ import numpy as np
 import torch
 
 from mpt_edge.backbones import load_backbone
-from mpt_edge.batching import encode_tasks
 from mpt_edge.data.fetch import default_data_dir
 from mpt_edge.datasets import load_split
-from mpt_edge.evaluate import predict
-from mpt_edge.methods.building_blocks import classifier_for
+from mpt_edge.evaluate import predict, trained_scoring
 from mpt_edge.trained import load_trained
 
 
-def predictions(backbone, trained, test, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, gold) label indices of the checkpoint's first task on `test`."""
-    encoded = encode_tasks(test, backbone.tokenizer, max_length)
-    heads = trained.heads.select([0]) if trained.heads is not None else None
-    classifier = classifier_for(backbone, [trained.specs[0]], heads)
-    prompt = trained.prompt.fold()[0].detach()
-    return predict(classifier, lambda ids: prompt.expand(len(ids), -1, -1), encoded, 0)
+def predictions(backbone, trained, test) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, gold) label indices of the checkpoint on its task's `test` split, with its factors as they are now."""
+    classifier, prompts_for, encoded = trained_scoring(backbone, trained, test, max_length=trained.meta.max_length)
+    return predict(classifier, prompts_for, encoded, 0)
 
 
 def main() -> None:
@@ -44,11 +39,11 @@ def main() -> None:
     for folder in args.checkpoints:
         trained = load_trained(folder)
         backbone = backbone or load_backbone(trained.meta.backbone.name)
-        full, gold = predictions(backbone, trained, test, trained.meta.max_length)
+        full, gold = predictions(backbone, trained, test)
         with torch.no_grad():
             for factor in [*trained.prompt.u, *trained.prompt.v]:
                 factor.copy_(factor.half().float())
-        half, _ = predictions(backbone, trained, test, trained.meta.max_length)
+        half, _ = predictions(backbone, trained, test)
         print(f"{folder.name}: test accuracy fp32 {100 * np.mean(full == gold):.2f}, fp16 factors "
               f"{100 * np.mean(half == gold):.2f}; {int(np.sum(full != half))} of {len(gold)} predictions differ")
 

@@ -103,15 +103,20 @@ def dev_scorer(backbone, plan, dev_tasks, *, max_length: int, batch_size: int = 
     return validate
 
 
-def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """Evaluate a `Trained` checkpoint on `tasks` (TaskData, names among the checkpoint's tasks)."""
+def trained_scoring(backbone, trained, tasks, *, max_length: int) -> tuple[Classifier, Callable, list[EncodedTask]]:
+    """A `Trained` checkpoint set up to score `tasks` (TaskData, names among its tasks): its classifier,
+    `prompts_for` (its prompts as they are now) and the encoded tasks, for `evaluate` or `predict`."""
     order = torch.tensor([trained.index_of(t.spec.name) for t in tasks])
     encoded = encode_tasks(tasks, backbone.tokenizer, max_length, eos_id(backbone.model))
     heads = trained.heads.select(order) if trained.heads is not None else None
     classifier = classifier_for(backbone, [t.spec for t in tasks], heads, trained.meta.pooling_or_default)
     prompts = trained.prompt.fold().detach()[order] if trained.prompt is not None else None
-    return evaluate(classifier, (lambda ids: prompts[ids]) if prompts is not None else (lambda ids: None),
-                    encoded, batch_size)
+    return classifier, (lambda ids: prompts[ids]) if prompts is not None else (lambda ids: None), encoded
+
+
+def evaluate_trained(backbone, trained, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Evaluate a `Trained` checkpoint on `tasks` (TaskData, names among the checkpoint's tasks)."""
+    return evaluate(*trained_scoring(backbone, trained, tasks, max_length=max_length), batch_size)
 
 
 def evaluate_zero_shot(backbone, tasks, *, max_length: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
