@@ -35,8 +35,13 @@ def test_two_gloo_ranks_train_the_source_stage_like_one_process(workspace, tmp_p
     assert two.stdout.count("source: 4 steps") == 1          # rank 0 reports, rank 1 stays quiet
     index_one, single = load_checkpoint(tmp_path / "one")
     index_two, sharded = load_checkpoint(tmp_path / "two")
-    for key in ("prompt.shared", "prompt.u", "prompt.v"):   # same steps up to float summation order
-        torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-5)
+    # Same steps up to float summation order. Adafactor divides each update by its RMS, so a summation-order
+    # difference becomes a fixed share of the step (~1e-4 here at the source's relative rate 0.4), which for an
+    # entry near zero is far above 1e-4 of the entry: the tolerance is set against the tensor's scale. A rank
+    # that skipped the gradient sum, or averaged it wrongly, misses by 1e-2 and more.
+    for key in ("prompt.shared", "prompt.u", "prompt.v"):
+        scale = single[key].abs().max().item()
+        torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-4 * scale)
     for a, b in zip(index_one["history"], index_two["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)   # the logged loss is the global batch's
 
