@@ -496,6 +496,16 @@ def ablation_table(name: str, runs: list[dict], base_name: str, base_runs: list[
                      f"{test(b):.1f} | {test(r):.1f} |")
     lines += ["", f"{name} − {base_name}, mean [95% interval] over {len(pairs)} pairs: dev "
               f"{mean_interval(dev(r) - dev(b) for r, b in pairs)}, test {mean_interval(test(r) - test(b) for r, b in pairs)}"]
+    kept = [r if dev(r) > dev(b) else b for r, b in pairs]        # dev chooses per run; a tie keeps the base's
+    lines.append(f"Dev choosing between the two per run (a tie keeps {base_name}'s): {name}'s kept in "
+                 f"{sum(k is r for k, (r, _) in zip(kept, pairs))} of {len(pairs)}; test of the kept − {base_name}: "
+                 f"{mean_interval(test(k) - test(b) for k, (_, b) in zip(kept, pairs))}")
+    pt = {_key(r)[:3]: r for r in base_runs if r["method"] == "pt"}
+    with_pt = [(k, b, pt[_key(b)[:3]]) for k, (_, b) in zip(kept, pairs) if _key(b)[:3] in pt]
+    if with_pt:
+        lines.append(f"Against {base_name}'s PT on the same {len(with_pt)} (target, k, seed): {base_name} "
+                     f"{mean_interval(test(b) - test(p) for _, b, p in with_pt)}, the kept "
+                     f"{mean_interval(test(k) - test(p) for k, _, p in with_pt)}")
     return "\n".join(lines)
 
 

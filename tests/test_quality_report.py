@@ -58,6 +58,12 @@ def test_ablation_table_pairs_runs_with_the_base_suite_and_reports_dev_and_test(
     assert "delta" not in table and "gamma" not in table                       # only runs both suites finished
     assert "over 2 pairs: dev +4.0 [" in table and ", test +1.5 [" in table
     assert "none of its 1 runs" in quality.ablation_table("rank2", ablation[2:], "transfer", base)
+    assert "rank2's kept in 2 of 2; test of the kept − transfer: +1.5 [" in table
+    assert "Against transfer's PT" not in table                                  # the base ran no PT
+    with_pt = quality.ablation_table("rank2", ablation, "transfer", base + [run("alpha", 0, "pt", 0.42)])
+    assert "Against transfer's PT on the same 1 (target, k, seed): transfer -2.0, the kept +3.0" in with_pt
+    tie = quality.ablation_table("rank2", [graded("alpha", 0, 0.50, 0.90)], "transfer", base)
+    assert "rank2's kept in 0 of 1; test of the kept − transfer: +0.0" in tie   # a dev tie keeps the base
 
 
 def test_table_pairs_every_method_with_pt_and_each_mpt_mode_with_spot():
