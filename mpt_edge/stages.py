@@ -52,9 +52,10 @@ def source(backbone, encoded: Sequence[EncodedTask], teachers: Trained, config: 
 
 
 def target(backbone, encoded: Sequence[EncodedTask], source_run: Trained, config: TrainConfig, mode: str = "full",
-           factor_init: str | None = None, pooling: str = "mean", factor_rank: int = 0,
+           factor_init: str | None = None, pooling: str = "mean", factor_rank: int | None = None,
            factor_growth: str = "extend") -> Plan:
     """Stage 3: P* from the source; U, V by `factor_init` ("mean" [paper], a source task's name, "shared-only"),
-    of rank `factor_rank` (0: the source's; higher grown by `factor_growth`)."""
+    of rank `factor_rank` (0: the source's; None: at least 2 in factors mode, the source's otherwise; higher grown
+    by `factor_growth`). U, V's rate is `config.lr_factors`: `methods.target.LR_FACTORS[mode]` is the default."""
     return _target.plan(backbone, encoded, source_run, config,
                         TargetConfig(mode, factor_init, factor_rank, factor_growth), pooling)

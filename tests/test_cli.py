@@ -37,6 +37,9 @@ def test_full_pipeline_from_the_command_line(workspace):
         result = invoke("train", "target", "--tasks", "mood", "--method", method, "--out", out / method, *extra,
                         *common(ws), *FAST)
         assert result.exit_code == 0, f"{method}: {result.output}"
+    recorded = json.loads((out / "mpt" / "checkpoint.json").read_text())
+    assert recorded["train"]["lr_factors"] == 0.05 and recorded["prompt"]["rank"] == 2   # factors mode's defaults
+    assert json.loads((out / "pt" / "checkpoint.json").read_text())["train"]["lr_factors"] == 0.015
     result = invoke("eval", out / "mpt", "--split", "test", "--json", *common(ws), "--max-length", "32")
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)["mood"]
@@ -181,7 +184,9 @@ def test_cli_defaults_match_the_config_dataclasses():
         command = group.commands[path[0]].commands[path[1]]
         for param in command.params:
             if param.name in defaults and param.name != "steps":
-                expected = SOURCE_LR_FACTORS if (path[1], param.name) == ("source", "lr_factors") else defaults[param.name]
+                # the source stage's factor rate is the paper's; the target's follows --mode (LR_FACTORS)
+                expected = {("source", "lr_factors"): SOURCE_LR_FACTORS,
+                            ("target", "lr_factors"): None}.get((path[1], param.name), defaults[param.name])
                 assert param.default == expected, f"{' '.join(path)} --{param.name}"
 
 

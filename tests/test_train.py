@@ -14,6 +14,7 @@ from mpt_edge.batching import collate, encode_tasks
 from mpt_edge.evaluate import dev_scorer, evaluate_trained
 from mpt_edge.checkpoint import CheckpointError, load_checkpoint
 from mpt_edge.errors import ConfigError
+from mpt_edge.methods.target import LR_FACTORS
 from mpt_edge.losses import DistillConfig, Totals, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.precision import forward_precision, resolve_precision
@@ -106,6 +107,20 @@ def test_target_modes_train_the_right_parameters(backbone, source_runs):
     torch.testing.assert_close(full.prompt.shared[1].detach(), src["prompt.shared"][0])
     one = stages.target(backbone, tgt, source, config(), mode="full", factor_init="topic")
     torch.testing.assert_close(one.prompt.v[0].detach(), src["prompt.v"][source.index_of("topic")])
+
+
+def test_factors_mode_defaults_to_rank_2_and_other_modes_to_the_sources_rank(backbone, source_runs, tmp_path):
+    teachers, rank_2 = source_runs
+    src, cfg = encoded(backbone, "polarity", "topic"), config(steps=2)
+    fit(stages.source(backbone, src, teachers, cfg, rank=1), src, cfg, tmp_path / "rank-1", progress=False)
+    rank_1, tgt = load_trained(tmp_path / "rank-1"), encoded(backbone, "mood")
+    ranks = {(mode, source.prompt.rank, factor_rank): stages.target(backbone, tgt, source, cfg, mode=mode,
+                                                                    factor_rank=factor_rank).prompt.rank
+             for mode in ("full", "factors", "group") for source in (rank_1, rank_2) for factor_rank in (None, 0)}
+    assert ranks == {("full", 1, None): 1, ("factors", 1, None): 2, ("group", 1, None): 1,
+                     ("full", 2, None): 2, ("factors", 2, None): 2, ("group", 2, None): 2,
+                     **{(mode, r, 0): r for mode in ("full", "factors", "group") for r in (1, 2)}}
+    assert LR_FACTORS == {"full": 0.015, "factors": 0.05, "group": 0.015} and TrainConfig().lr_factors == 0.015
 
 
 def test_a_higher_factor_rank_starts_from_the_same_prompts_and_is_recorded(backbone, source_runs):

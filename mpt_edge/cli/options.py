@@ -48,7 +48,7 @@ PromptLength = Annotated[int, typer.Option(help="Prompt vectors l (paper: 100)."
 Rank = Annotated[int, typer.Option(help="Rank r of each task's factor pair (paper: 1).")]
 LrPrompt = Annotated[float, typer.Option(help="Adafactor relative-step cap for the prompt P* (paper: 0.3 absolute on T5).")]
 LrFactors = Annotated[float, typer.Option(help="Adafactor relative-step cap of U, V (source: 0.4 as in the paper; "
-                                                "target: 0.015, see README 'Learning rates').")]
+                                                "target: 0.015, or 0.05 in factors mode; docs/method.md 'Learning rates').")]
 LrHead = Annotated[float, typer.Option(help="Learning rate of encoder heads.")]
 Seed = Annotated[int, typer.Option(help="Seed of initialisation and sampling.")]
 KPerClass = Annotated[Optional[int], typer.Option(help="Train on k examples per class (few-shot).")]

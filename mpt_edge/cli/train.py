@@ -167,16 +167,19 @@ def train_target(
                                                        "folder, or a checkpoint of `train source` (mpt) or any prompt checkpoint (spot).")] = None,
     mode: Annotated[str, typer.Option(help="mpt: full (P* per task), factors (P* frozen), group (shared trained P*).")] = "full",
     factor_init: Annotated[str, typer.Option(help="mpt: mean (paper), shared-only, or a source task name.")] = "mean",
-    factor_rank: Annotated[int, typer.Option(help="mpt: rank of each task's U V (0 = the source's); higher adds zero "
-                                                  "columns to U and random rows to V: the same starting prompt, more to "
-                                                  "adapt. A task in factors mode stores 4 (l + d) bytes per rank.")] = 0,
+    factor_rank: Annotated[Optional[int], typer.Option(
+        help="mpt: rank of each task's U V (0 = the source's; default: 2, or the source's if higher, in factors mode, "
+             "the source's otherwise); higher adds zero columns to U and random rows to V: the same starting prompt, "
+             "more to adapt. A task in factors mode stores 4 (l + d) bytes per rank.", show_default=False)] = None,
     spot_task: Annotated[str, typer.Option(help="spot: the source task whose prompt initialises the target.")] = "",
     backbone: Annotated[Optional[str], typer.Option(
         help="Named backbone (smollm2-135m, minilm-l6) or a local HF folder (default: the "
              f"--source's; without --source {DEFAULT_BACKBONE}).")] = None,
     data: DataDir = None, steps: Steps = 200, batch_size: BatchSize = 8,
     max_length: MaxLength = 128, prompt_length: PromptLength = 100, lr_prompt: LrPrompt = 0.03,
-    lr_factors: LrFactors = 0.015, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
+    lr_factors: Annotated[Optional[float], typer.Option(
+        help="mpt: Adafactor relative-step cap of U, V (default: 0.05 in factors mode, 0.015 in full and group; "
+             "chosen on dev, docs/results.md).", show_default=False)] = None, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="pt: prompt init vocab, random, text.")] = "vocab",
     init_text: InitText = "",
     eval_every: Annotated[int, typer.Option(help="Early stopping: score the dev split every N steps (and before "
@@ -197,6 +200,8 @@ def train_target(
     from mpt_edge.datasets import load_split
     from mpt_edge.errors import ConfigError
     from mpt_edge.evaluate import dev_scorer
+    from mpt_edge.methods.building_blocks import choice
+    from mpt_edge.methods.target import LR_FACTORS, TargetMode
     from mpt_edge.prompt import PromptConfig
     from mpt_edge.shipped import resolve_source
     from mpt_edge.trained import fixed_prompts
@@ -206,6 +211,8 @@ def train_target(
         raise typer.BadParameter(f"--method {method!r} is not one of {', '.join(methods)}")
     if method in ("mpt", "spot") and source is None:
         raise ConfigError(f"--method {method} needs --source CHECKPOINT")
+    if lr_factors is None:
+        lr_factors = LR_FACTORS[choice(TargetMode, mode, "--mode")]
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
                         lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every,
                         eval_every=eval_every, patience=patience, warmup=warmup, precision=precision)

@@ -31,24 +31,40 @@ class TargetMode(str, Enum):
 
 MEAN, SHARED_ONLY = "mean", "shared-only"   # factor inits besides a source task's name
 
+# The defaults chosen on dev by the 5-seed SmolLM2 comparison (docs/results.md, "5-seed comparison"): `factors` mode
+# moves P* only through U V, and a rank-1 pair only rescales P*'s rows and columns, so it gets a second direction
+# and a larger relative step; `full` and `group` train P* itself and keep the source's rank and P*'s step scale.
+FACTORS_MODE_RANK = 2
+LR_FACTORS = {TargetMode.FULL: 0.015, TargetMode.FACTORS: 0.05, TargetMode.GROUP: 0.015}   # U, V's relative-step cap
+
 
 @dataclass(frozen=True)
 class TargetConfig:
     mode: TargetMode = TargetMode.FULL
     factor_init: str = MEAN   # "mean" of the source factors [paper], a source task's name (its exact pair), or
                               # "shared-only" (factors start at ones: only P* transfers)
-    factor_rank: int = 0      # rank of each target's U V; 0 = the source's. Higher: more to adapt in `factors`
-                              # mode, 4 (l + d) bytes per rank and task, starting from the same prompt
+    factor_rank: int | None = None   # rank of each target's U V; 0 = the source's; None = the mode's default
+                                     # (target_rank). Higher: more to adapt in `factors` mode, 4 (l + d) bytes per
+                                     # rank and task, starting from the same prompt
     factor_growth: str = "extend"   # how U V gain that rank: "extend" (new zero columns of U, random rows of V:
                                     # exactly the same product) or "split" (the first rank-2 ablation's init)
 
     def __post_init__(self):
         object.__setattr__(self, "mode", choice(TargetMode, self.mode, "target mode"))
         object.__setattr__(self, "factor_init", self.factor_init or MEAN)
-        if not isinstance(self.factor_rank, int) or isinstance(self.factor_rank, bool) or self.factor_rank < 0:
-            raise ConfigError(f"factor rank must be an integer >= 0 (0 = the source's rank), got {self.factor_rank!r}")
+        rank = self.factor_rank
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+            raise ConfigError(f"factor rank must be an integer >= 0 (0 = the source's rank), got {rank!r}")
         if self.factor_growth not in FACTOR_GROWTHS:
             raise ConfigError(f"factor growth must be one of {', '.join(FACTOR_GROWTHS)}, got {self.factor_growth!r}")
+
+
+def target_rank(method: TargetConfig, source_rank: int) -> int:
+    """Each target's U V rank: the configured one (0 = the source's) or, unset, the mode's default: at least
+    FACTORS_MODE_RANK in `factors` mode, the source's in the others."""
+    if method.factor_rank is None:
+        return max(source_rank, FACTORS_MODE_RANK) if method.mode is TargetMode.FACTORS else source_rank
+    return method.factor_rank or source_rank
 
 
 def plan(backbone, encoded: Sequence[EncodedTask], source_run: Trained, train: TrainConfig,
@@ -59,17 +75,17 @@ def plan(backbone, encoded: Sequence[EncodedTask], source_run: Trained, train: T
     specs, tasks, mode = [e.spec for e in encoded], len(encoded), method.mode
     src = source_run.prompt.tensors()
     shared0 = src["prompt.shared"][0]
+    rank = target_rank(method, src["prompt.u"].shape[2])
     if method.factor_init == SHARED_ONLY:
-        rank = method.factor_rank or src["prompt.u"].shape[2]
         u, v = identity_factors(tasks, shared0.shape[0], rank, shared0.shape[1], generator)
     else:
         pick = None if method.factor_init == MEAN else source_run.index_of(method.factor_init)
         u, v = factors_from_source(src["prompt.u"], src["prompt.v"], tasks, pick)
-        if method.factor_rank and method.factor_rank < u.shape[2]:
-            raise ConfigError(f"factor rank {method.factor_rank} is below the source's rank {u.shape[2]}; pass "
+        if rank < u.shape[2]:
+            raise ConfigError(f"factor rank {rank} is below the source's rank {u.shape[2]}; pass "
                               f"{u.shape[2]} or more, or 0 to keep the source's")
-        if method.factor_rank > u.shape[2]:
-            u, v = FACTOR_GROWTHS[method.factor_growth](u, v, method.factor_rank, generator)
+        if rank > u.shape[2]:
+            u, v = FACTOR_GROWTHS[method.factor_growth](u, v, rank, generator)
     if mode is TargetMode.FULL:
         prompt = MultitaskPrompt(shared0.expand(tasks, *shared0.shape), u, v, range(tasks))
     else:
