@@ -175,7 +175,9 @@ def train_target(
     backbone: Annotated[Optional[str], typer.Option(
         help="Named backbone (smollm2-135m, minilm-l6) or a local HF folder (default: the "
              f"--source's; without --source {DEFAULT_BACKBONE}).")] = None,
-    data: DataDir = None, steps: Steps = 200, batch_size: BatchSize = 8,
+    data: DataDir = None, steps: Annotated[int, typer.Option(
+        help="Optimizer steps per task (100: where the learning curves from the shipped sources level off, "
+             "docs/results.md).")] = 100, batch_size: BatchSize = 8,
     max_length: MaxLength = 128, prompt_length: PromptLength = 100, lr_prompt: LrPrompt = 0.03,
     lr_factors: Annotated[Optional[float], typer.Option(
         help="mpt: Adafactor relative-step cap of U, V (default: 0.05 in factors mode, 0.015 in full and group; "
