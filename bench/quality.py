@@ -5,6 +5,8 @@
     python bench/quality.py bench/suites/transfer.toml --work builds/quality --report   # tables so far, trains nothing
     python bench/quality.py bench/suites/transfer-factor-rank2.toml --work builds/quality --report \
         --against bench/suites/transfer.toml         # an ablation beside the same runs of its base suite
+    python bench/quality.py bench/suites/ablations/transfer-factors-r6.toml --work builds/quality --report \
+        --against bench/suites/transfer.toml --against-method mpt-factors-r2   # a variant beside another method
 
 Stages 1-2 (teachers, distilled source) run once per suite and are cached. Then every (target, k, seed,
 method) run trains with the same step budget, keeps the tensors that score best on a fixed dev subset
@@ -446,17 +448,22 @@ def main() -> None:
     parser.add_argument("--against", type=Path, default=None,
                         help="with --report: an ablation's runs beside the same runs (target, k, seed, method) of "
                              "this other suite file, dev and test, with paired differences")
+    parser.add_argument("--against-method", default=None,
+                        help="with --against: pair each run with this method's run in the other suite (a variant "
+                             "under its own name, e.g. mpt-factors-r6 beside mpt-factors-r2)")
     args = parser.parse_args()
     if bool(args.suites) == bool(args.budget):
         parser.error("give suite files or --budget (one of the two)")
     if args.against and not args.report:
         parser.error("--against compares finished runs: use it with --report")
+    if args.against_method and not args.against:
+        parser.error("--against-method names the other suite's method: use it with --against")
     paths = args.suites or [HERE / "suites" / name for name in BUDGETS[args.budget]]
     for suite in [read_suite(p) for p in paths]:
         if args.against:
             other = read_suite(args.against)
             print(ablation_table(suite["name"], read_runs(args.work / suite["name"] / "runs.jsonl"), other["name"],
-                                 read_runs(args.work / other["name"] / "runs.jsonl")))
+                                 read_runs(args.work / other["name"] / "runs.jsonl"), args.against_method))
         elif args.report:
             print(report_so_far(suite, args.work))
         else:
@@ -473,12 +480,18 @@ def report_so_far(suite: dict, work_root: Path) -> str:
     return f"{suite['name']}: {len(runs)} of {total} runs done ({hours:.1f} h of runs)\n\n" + report_markdown(suite, runs)
 
 
-def ablation_table(name: str, runs: list[dict], base_name: str, base_runs: list[dict]) -> str:
-    """Markdown: every run of an ablation beside the run of the same (target, k, seed, method) in its base suite:
-    the dev score selection kept and the test accuracy of each (points), then the mean paired difference,
-    ablation − base, with its 95% interval. Dev is what a choice between them may use; test is shown, not used."""
+def ablation_table(name: str, runs: list[dict], base_name: str, base_runs: list[dict],
+                   base_method: str | None = None) -> str:
+    """Markdown: every run of an ablation beside the run of the same (target, k, seed, method) in its base suite
+    (or of `base_method` there: a variant with its own name, "mpt-factors-r6" beside "mpt-factors-r2"): the dev
+    score selection kept and the test accuracy of each (points), then the mean paired difference, ablation − base,
+    with its 95% interval. Dev is what a choice between them may use; test is shown, not used."""
     base = {_key(r): r for r in base_runs}
-    pairs = [(r, base[_key(r)]) for r in runs if _key(r) in base]
+
+    def counterpart(run: dict) -> tuple:
+        return _key(run)[:3] + (base_method or run["method"],)
+
+    pairs = [(r, base[counterpart(r)]) for r in runs if counterpart(r) in base]
     if not pairs:
         return f"{name}: none of its {len(runs)} runs has a finished counterpart in {base_name} yet"
 
@@ -492,7 +505,8 @@ def ablation_table(name: str, runs: list[dict], base_name: str, base_runs: list[
              f"| target | k | seed | method | dev {base_name} | dev {name} | test {base_name} | test {name} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r, b in pairs:
-        lines.append(f"| {r['target']} | {r['k']} | {r['seed']} | {r['method']} | {dev(b):.1f} | {dev(r):.1f} | "
+        method = r["method"] if r["method"] == b["method"] else f"{r['method']} / {b['method']}"
+        lines.append(f"| {r['target']} | {r['k']} | {r['seed']} | {method} | {dev(b):.1f} | {dev(r):.1f} | "
                      f"{test(b):.1f} | {test(r):.1f} |")
     lines += ["", f"{name} − {base_name}, mean [95% interval] over {len(pairs)} pairs: dev "
               f"{mean_interval(dev(r) - dev(b) for r, b in pairs)}, test {mean_interval(test(r) - test(b) for r, b in pairs)}"]

@@ -64,6 +64,11 @@ def test_ablation_table_pairs_runs_with_the_base_suite_and_reports_dev_and_test(
     assert "Against transfer's PT on the same 1 (target, k, seed): transfer -2.0, the kept +3.0" in with_pt
     tie = quality.ablation_table("rank2", [graded("alpha", 0, 0.50, 0.90)], "transfer", base)
     assert "rank2's kept in 0 of 1; test of the kept − transfer: +0.0" in tie   # a dev tie keeps the base
+    renamed = [{**r, "method": "mpt-factors-r6"} for r in ablation]               # a variant under its own name
+    assert "none of its 3 runs" in quality.ablation_table("r6", renamed, "transfer", base)
+    beside = quality.ablation_table("r6", renamed, "transfer", base, base_method="mpt-factors")
+    assert "| alpha | 16 | 0 | mpt-factors-r6 / mpt-factors | 50.0 | 56.0 | 40.0 | 45.0 |" in beside
+    assert "over 2 pairs: dev +4.0 [" in beside
 
 
 def test_table_pairs_every_method_with_pt_and_each_mpt_mode_with_spot():
