@@ -32,6 +32,13 @@ class Ranks:
         return self.rank == 0
 
 
+def leave() -> None:
+    """Leave the process group, if one was joined, so that gloo's threads stop before the interpreter exits (a rank
+    that exits with them running can abort: 'terminate called without an active exception')."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current() -> Ranks:
     """This process's place in the initialised process group (rank 0 of 1 without one)."""
     if dist.is_available() and dist.is_initialized():

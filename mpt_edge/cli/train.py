@@ -34,7 +34,10 @@ def _fit_and_report(plan, encoded, config, out, resume, quiet, validate=None) ->
     from mpt_edge.training_loop import fit
 
     ranks = distributed.init_from_env()   # under torchrun: join the process group (see "Scaling out")
-    index = fit(plan, encoded, config, out, resume=resume, progress=not quiet, validate=validate)
+    try:
+        index = fit(plan, encoded, config, out, resume=resume, progress=not quiet, validate=validate)
+    finally:
+        distributed.leave()               # fit ends on a barrier: every rank is done with the group
     if not ranks.main:
         return
     last = index["history"][-1] if index["history"] else {}
