@@ -184,7 +184,8 @@ def train_target(
     max_length: MaxLength = 128, prompt_length: PromptLength = 100, lr_prompt: LrPrompt = 0.03,
     lr_factors: Annotated[Optional[float], typer.Option(
         help="mpt: Adafactor relative-step cap of U, V (default: 0.05 in factors mode, 0.015 in full and group; "
-             "chosen on dev, docs/results.md).", show_default=False)] = None, lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
+             "chosen on dev, docs/results.md).", show_default=False)] = None,
+    lr_head: LrHead = 0.1, seed: Seed = 0, k_per_class: KPerClass = None,
     init: Annotated[str, typer.Option(help="pt: prompt init vocab, random, text.")] = "vocab",
     init_text: InitText = "",
     eval_every: Annotated[int, typer.Option(help="Early stopping: score the dev split every N steps (and before "
