@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mpt_edge_runtime as mer
@@ -30,7 +30,7 @@ from mpt_edge.errors import ConfigError
 from mpt_edge.evaluate import evaluate_engine, evaluate_trained, evaluate_zero_shot
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.shipped import resolve_source, shipped_names
-from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit
+from mpt_edge.training_loop import TrainConfig, fit
 from mpt_edge.trained import load_trained
 from mpt_edge_export.bundle_writer import ExportOptions, write_bundle
 
@@ -82,10 +82,10 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
         yield
         timings[name] = {"steps": 0, "seconds": round(time.perf_counter() - tick, 1)}
 
-    def run(name, plan, encoded, cfg=train_cfg):
+    def run(name, plan, encoded):
         log(f"[{name}] {plan.total_steps} steps")
         with timed(name):
-            index = fit(plan, encoded, cfg, out / name, resume=True)
+            index = fit(plan, encoded, train_cfg, out / name, resume=True)
         timings[name].update(steps=index["step"], steps_per_s_last=round(index["history"][-1]["steps_per_s"], 3))
         return load_trained(out / name)
 
@@ -102,9 +102,8 @@ def run_quickstart(config: QuickstartConfig, *, fresh: bool = False, log: Callab
         src_encoded = encode_tasks(sources, backbone.tokenizer, config.max_length)
         teachers = run("teachers", stages.prompt_tuning("teachers", backbone, src_encoded, train_cfg, prompt_cfg),
                        src_encoded)
-        source_cfg = replace(train_cfg, lr_factors=SOURCE_LR_FACTORS)
-        source = run("source", stages.source(backbone, src_encoded, teachers, source_cfg, rank=config.rank), src_encoded,
-                     source_cfg)
+        source = run("source", stages.source(backbone, src_encoded, teachers, train_cfg, rank=config.rank),
+                     src_encoded)   # U, V at the source stage's rate, the paper's 0.4
     mpt = run("mpt", stages.target(backbone, tgt_encoded, source, train_cfg, mode="full"), tgt_encoded)
     pt = run("pt", stages.prompt_tuning("pt", backbone, tgt_encoded, train_cfg, prompt_cfg), tgt_encoded)
 

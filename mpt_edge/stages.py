@@ -47,7 +47,8 @@ def head_only(backbone, encoded: Sequence[EncodedTask], config: TrainConfig, poo
 def source(backbone, encoded: Sequence[EncodedTask], teachers: Trained, config: TrainConfig, rank: int = 1,
            distill: DistillConfig = DistillConfig(), shared_init: str = "teachers", init_text: str = "",
            pooling: str = "mean") -> Plan:
-    """Stage 2: shared P* + per-task rank-r factors, task loss + λ (KL + hidden MSE) against the teachers."""
+    """Stage 2: shared P* + per-task rank-r factors, task loss + λ (KL + hidden MSE) against the teachers.
+    U, V's rate is `config.lr_factors`; None: the paper's 0.4 (`SOURCE_LR_FACTORS`)."""
     return _source.plan(backbone, encoded, teachers, config, SourceConfig(rank, shared_init, init_text, distill), pooling)
 
 
@@ -56,6 +57,6 @@ def target(backbone, encoded: Sequence[EncodedTask], source_run: Trained, config
            factor_growth: str = "extend") -> Plan:
     """Stage 3: P* from the source; U, V by `factor_init` ("mean" [paper], a source task's name, "shared-only"),
     of rank `factor_rank` (0: the source's; None: at least 2 in factors mode, the source's otherwise; higher grown
-    by `factor_growth`). U, V's rate is `config.lr_factors`: `methods.target.LR_FACTORS[mode]` is the default."""
+    by `factor_growth`). U, V's rate is `config.lr_factors`; None: `methods.target.LR_FACTORS[mode]`."""
     return _target.plan(backbone, encoded, source_run, config,
                         TargetConfig(mode, factor_init, factor_rank, factor_growth), pooling)

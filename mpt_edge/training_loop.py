@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,8 +34,8 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 128        # input tokens per example, prompt not counted
     lr_prompt: float = 0.03      # P*: cap on Adafactor's relative step (paper: 0.3 absolute on T5, see README)
-    lr_factors: float = 0.015    # U, V: cap on Adafactor's relative step; U V moves the composed prompt about as
-                                 # far per step as lr_prompt moves P* (the paper's 0.4 moved it 64% in one step)
+    lr_factors: float | None = None   # U, V: cap on Adafactor's relative step; None = the stage's (Plan.lr_factors:
+                                      # the paper's 0.4 for sources, methods.target.LR_FACTORS[mode] for targets)
     lr_head: float = 0.1         # encoder heads
     checkpoint_every: int = 50   # steps between checkpoints (and the last step)
     seed: int = 0
@@ -52,7 +52,7 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"train option {name} must be an integer >= 1, got {value!r}")
         for name in ("lr_prompt", "lr_factors", "lr_head"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"train option {name} must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"train option eval_every must be an integer >= 0 (0 = no dev evaluation), got {self.eval_every!r}")
@@ -71,6 +71,8 @@ class TrainConfig:
 
 
 SOURCE_LR_FACTORS = 0.4          # stage 2 [paper]: factors start at ones and must specialise per source task
+BASE_LR_FACTORS = 0.015          # the rest (stages that train no factors record it); U V at this rate move the prompt
+                                 # about as far per step as lr_prompt moves P* (the paper's 0.4 moved it 64% in a step)
 
 LossFn = Callable[[Batch, Totals], tuple[torch.Tensor, dict[str, float]]]   # a shard, the global batch's totals
 Validate = Callable[[], "float | tuple[float, dict]"]   # dev score of the current tensors (higher is better),
@@ -89,8 +91,14 @@ class Plan:
     loss_fn: LossFn
     total_steps: int
     meta: dict = field(default_factory=dict)
+    lr_factors: float = BASE_LR_FACTORS   # U, V's rate where the config leaves it unset (the stage's default)
+
+    def resolved(self, config: TrainConfig) -> TrainConfig:
+        """`config` with this stage's factor rate where it has none: what trains, and what the checkpoint records."""
+        return config if config.lr_factors is not None else replace(config, lr_factors=self.lr_factors)
 
     def param_groups(self, config: TrainConfig) -> list[dict]:
+        config = self.resolved(config)
         groups = []
         if self.prompt is not None:
             groups.append({"params": [p for p in self.prompt.shared if p.requires_grad], "lr": config.lr_prompt})
@@ -140,6 +148,7 @@ def fit(plan: Plan, encoded: Sequence[EncodedTask], config: TrainConfig, out: Pa
     of each global batch with summed gradients; rank 0 validates, checkpoints and shows progress.
     """
     out = make_folder(out)   # probes that it takes a file, before any training (resumed runs too)
+    config = plan.resolved(config)
     ranks = distributed.current()
     if config.batch_size < ranks.world:
         raise ConfigError(f"batch size {config.batch_size} is smaller than the {ranks.world} ranks; every rank needs "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from mpt_edge.methods.target import LR_FACTORS
 from mpt_edge.losses import DistillConfig, Totals, distillation_loss, hidden_distillation, logits_distillation
 from mpt_edge.prompt import PromptConfig
 from mpt_edge.precision import forward_precision, resolve_precision
-from mpt_edge.training_loop import TrainConfig, fit
+from mpt_edge.training_loop import SOURCE_LR_FACTORS, TrainConfig, fit
 from mpt_edge.trained import load_trained
 
 PROMPT = PromptConfig(length=4)
@@ -120,7 +121,25 @@ def test_factors_mode_defaults_to_rank_2_and_other_modes_to_the_sources_rank(bac
     assert ranks == {("full", 1, None): 1, ("factors", 1, None): 2, ("group", 1, None): 1,
                      ("full", 2, None): 2, ("factors", 2, None): 2, ("group", 2, None): 2,
                      **{(mode, r, 0): r for mode in ("full", "factors", "group") for r in (1, 2)}}
-    assert LR_FACTORS == {"full": 0.015, "factors": 0.05, "group": 0.015} and TrainConfig().lr_factors == 0.015
+    assert LR_FACTORS == {"full": 0.015, "factors": 0.05, "group": 0.015}
+
+
+def test_an_unset_factor_rate_is_the_stages_and_is_recorded(backbone, source_runs, tmp_path):
+    """TrainConfig(lr_factors=None): 0.4 for sources, LR_FACTORS[mode] for targets, 0.015 elsewhere; set: as set."""
+    teachers, source = source_runs
+    src, tgt, cfg = encoded(backbone, "polarity", "topic"), encoded(backbone, "mood"), config(steps=1)
+    assert cfg.lr_factors is None
+    plans = {"teachers": stages.prompt_tuning("teachers", backbone, src, cfg, PROMPT),
+             "source": stages.source(backbone, src, teachers, cfg, rank=2),
+             **{mode: stages.target(backbone, tgt, source, cfg, mode=mode) for mode in ("full", "factors", "group")}}
+    expected = {"teachers": 0.015, "source": SOURCE_LR_FACTORS, "full": 0.015, "factors": 0.05, "group": 0.015}
+    assert {name: plan.resolved(cfg).lr_factors for name, plan in plans.items()} == expected
+    u = plans["factors"].prompt.u[0]
+    assert [g["lr"] for g in plans["factors"].param_groups(cfg) if any(p is u for p in g["params"])] == [0.05]
+    index = fit(plans["factors"], tgt, cfg, tmp_path / "factors", progress=False)
+    assert index["train"]["lr_factors"] == 0.05
+    chosen = replace(cfg, lr_factors=0.2)
+    assert plans["factors"].resolved(chosen) == chosen and plans["source"].resolved(chosen).lr_factors == 0.2
 
 
 def test_a_higher_factor_rank_starts_from_the_same_prompts_and_is_recorded(backbone, source_runs):

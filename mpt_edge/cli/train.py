@@ -206,8 +206,6 @@ def train_target(
     from mpt_edge.datasets import load_split
     from mpt_edge.errors import ConfigError
     from mpt_edge.evaluate import dev_scorer
-    from mpt_edge.methods.building_blocks import choice
-    from mpt_edge.methods.target import LR_FACTORS, TargetMode
     from mpt_edge.prompt import PromptConfig
     from mpt_edge.shipped import resolve_source
     from mpt_edge.trained import fixed_prompts
@@ -217,8 +215,6 @@ def train_target(
         raise typer.BadParameter(f"--method {method!r} is not one of {', '.join(methods)}")
     if method in ("mpt", "spot") and source is None:
         raise ConfigError(f"--method {method} needs --source CHECKPOINT")
-    if lr_factors is None:
-        lr_factors = LR_FACTORS[choice(TargetMode, mode, "--mode")]
     cfg = _train_config(steps=steps, batch_size=batch_size, max_length=max_length, lr_prompt=lr_prompt,
                         lr_factors=lr_factors, lr_head=lr_head, seed=seed, checkpoint_every=checkpoint_every,
                         eval_every=eval_every, patience=patience, warmup=warmup, precision=precision)

@@ -18,7 +18,7 @@ from mpt_edge.prompt_init import identity_factors, init_prompt
 from mpt_edge.scoring import Classifier
 from mpt_edge.task_mixing import MixtureSampler
 from mpt_edge.trained import Trained, fixed_prompts
-from mpt_edge.training_loop import Plan, TrainConfig
+from mpt_edge.training_loop import SOURCE_LR_FACTORS, Plan, TrainConfig
 
 
 class SharedInit(str, Enum):
@@ -66,7 +66,7 @@ def plan(backbone, encoded: Sequence[EncodedTask], teachers: Trained, train: Tra
     info = meta(backbone, specs, prompt, heads, pooling, shared_init=method.shared_init.value,
                 distill={"weight": distill.weight, "temperature": distill.temperature})
     return Plan("source", prompt, heads, sampler, distilled_loss(student, prompt, teacher, teacher_prompts, distill),
-                train.steps, info)
+                train.steps, info, lr_factors=SOURCE_LR_FACTORS)
 
 
 def distilled_loss(student: Classifier, prompt: MultitaskPrompt, teacher: Classifier,

@@ -100,4 +100,5 @@ def plan(backbone, encoded: Sequence[EncodedTask], source_run: Trained, train: T
         sampler, total = RoundRobinSampler(sizes(encoded), train.batch_size, train.seed), train.steps * tasks
     info = meta(backbone, specs, prompt, heads, pooling, mode=mode.value, factor_init=method.factor_init,
                 source_tasks=source_run.task_names)
-    return Plan("target", prompt, heads, sampler, supervised_loss(classifier, prompt), total, info)
+    return Plan("target", prompt, heads, sampler, supervised_loss(classifier, prompt), total, info,
+                lr_factors=LR_FACTORS[mode])
