@@ -184,9 +184,8 @@ def test_cli_defaults_match_the_config_dataclasses():
         command = group.commands[path[0]].commands[path[1]]
         for param in command.params:
             if param.name in defaults and param.name != "steps":
-                # the source stage's factor rate is the paper's; the target's follows --mode (LR_FACTORS)
-                expected = {("source", "lr_factors"): SOURCE_LR_FACTORS,
-                            ("target", "lr_factors"): None}.get((path[1], param.name), defaults[param.name])
+                # the source stage spells out the paper's factor rate; the target leaves it to --mode (None)
+                expected = SOURCE_LR_FACTORS if (path[1], param.name) == ("source", "lr_factors") else defaults[param.name]
                 assert param.default == expected, f"{' '.join(path)} --{param.name}"
 
 

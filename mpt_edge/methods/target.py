@@ -20,7 +20,7 @@ from mpt_edge.prompt_init import FACTOR_GROWTHS, factors_from_source, identity_f
 from mpt_edge.task_mixing import MixtureSampler, RoundRobinSampler
 from mpt_edge.tasks import TaskError
 from mpt_edge.trained import Trained
-from mpt_edge.training_loop import Plan, TrainConfig
+from mpt_edge.training_loop import BASE_LR_FACTORS, Plan, TrainConfig
 
 
 class TargetMode(str, Enum):
@@ -35,7 +35,8 @@ MEAN, SHARED_ONLY = "mean", "shared-only"   # factor inits besides a source task
 # moves P* only through U V, and a rank-1 pair only rescales P*'s rows and columns, so it gets a second direction
 # and a larger relative step; `full` and `group` train P* itself and keep the source's rank and P*'s step scale.
 FACTORS_MODE_RANK = 2
-LR_FACTORS = {TargetMode.FULL: 0.015, TargetMode.FACTORS: 0.05, TargetMode.GROUP: 0.015}   # U, V's relative-step cap
+LR_FACTORS = {TargetMode.FULL: BASE_LR_FACTORS, TargetMode.FACTORS: 0.05,    # U, V's relative-step cap
+              TargetMode.GROUP: BASE_LR_FACTORS}
 
 
 @dataclass(frozen=True)
